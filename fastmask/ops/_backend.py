@@ -1,0 +1,69 @@
+"""Backend selection shared by every op.
+
+One readable rule (DESIGN.md, "Backends"):
+- ``backend=None`` reads ``FASTMASK_BACKEND`` (default ``"auto"``);
+- ``"auto"``: Triton for CUDA tensors, the pure-PyTorch reference for CPU tensors;
+- ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``
+  (Triton's interpreter, which is how the kernels are tested without a GPU);
+- ``"torch"``: the reference. It never imports Triton.
+
+Asking for ``"triton"`` where it cannot run raises ``RuntimeError`` saying why; nothing
+falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "FASTMASK_BACKEND"
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_backend_name(backend: str | None) -> str:
+    """Return the backend name in force (``backend`` or the environment), validated."""
+    name = os.environ.get(ENV_VAR, "auto") if backend is None else backend
+    if name not in BACKENDS:
+        source = f"environment variable {ENV_VAR}" if backend is None else "backend"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _triton_unusable_reason(device: torch.device, dtype: torch.dtype, dtypes) -> str | None:
+    if not _triton_installed():
+        return "the triton package is not installed"
+    if device.type == "cpu" and not interpreter_enabled():
+        return "the tensors are on the CPU; set TRITON_INTERPRET=1 (before triton is imported) to run the kernels in Triton's interpreter, or use backend='torch'"
+    if device.type not in ("cpu", "cuda"):
+        return f"tensors on device type {device.type!r} are not supported by the Triton kernels"
+    if dtypes is not None and dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"dtype {dtype} is not supported by this kernel (supported: {names})"
+    return None
+
+
+def resolve_backend(backend: str | None, tensor: torch.Tensor, op: str, dtypes=None) -> str:
+    """Pick ``"triton"`` or ``"torch"`` for an op whose main input is ``tensor``.
+
+    ``dtypes``: the floating dtypes the op's kernel accepts (None: any).
+    """
+    name = check_backend_name(backend)
+    if name == "torch":
+        return "torch"
+    reason = _triton_unusable_reason(tensor.device, tensor.dtype, dtypes)
+    if name == "auto":
+        return "triton" if tensor.device.type == "cuda" and reason is None else "torch"
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend='triton' was asked for but cannot run: {reason}")
+    return "triton"

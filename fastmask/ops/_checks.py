@@ -1,0 +1,71 @@
+"""Argument checks shared by the public ops.
+
+Every message names the argument and says what was expected. Shape, dtype and device
+checks read only metadata. The finiteness check reads values, so it runs on CPU tensors
+only: on CUDA it would cost a host sync per call on the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, value, *, ndim: int | None = None, last_dim: int | None = None,
+                 dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if last_dim is not None and value.shape[-1] != last_dim:
+        raise ValueError(f"{name} must have size {last_dim} in its last dimension, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in tuple(dtypes):
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have a dtype in ({names}), got {value.dtype}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; they must match")
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise if ``value`` holds NaN or infinity (CPU tensors only; see the module docstring)."""
+    if value.device.type == "cpu" and value.numel() and not bool(torch.isfinite(value).all()):
+        bad = (~torch.isfinite(value)).nonzero()[:5].tolist()
+        raise ValueError(f"{name} holds non-finite values (NaN or inf), first at index {bad}")
+
+
+def check_boxes(name: str, boxes, *, allow_columns: Sequence[int] = (4,)) -> torch.Tensor:
+    """A [K, 4] (or [K, 5] with a batch index) float tensor of finite boxes."""
+    check_tensor(name, boxes, ndim=2)
+    if boxes.shape[1] not in allow_columns:
+        cols = " or ".join(str(c) for c in allow_columns)
+        raise ValueError(f"{name} must have shape [K, {cols}], got {tuple(boxes.shape)}")
+    check_finite(name, boxes)
+    return boxes
+
+
+def pair(name: str, value) -> tuple[int, int]:
+    """An output size given as int or (h, w), both positive."""
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return value

@@ -1,0 +1,325 @@
+"""RoI Align, single-level and multi-level (FPN), with torchvision's semantics.
+
+Pixel model (torchvision's): a box ``(x1, y1, x2, y2)`` in image coordinates is scaled by
+``spatial_scale`` to feature coordinates. With ``aligned=False`` the box is used as given and
+its size is clamped to at least one feature cell; with ``aligned=True`` half a cell is
+subtracted so that the box edges fall on pixel edges, and no clamp is applied. Each output
+bin averages ``grid_h * grid_w`` bilinear samples, where the grid is ``sampling_ratio`` per
+axis or, when ``sampling_ratio <= 0``, ``ceil(roi_size / output_size)`` per axis (adaptive).
+A sample further than one cell outside the feature map contributes zero; samples between -1
+and 0 are clamped to the edge.
+
+The reference below computes every level in one vectorised pass: the levels are flattened
+into one [N, sum(H*W), C] table and each sample's four neighbours are gathered from it. It
+reads ``K * C * (2*PH*Gy) * (2*PW*Gx)`` values (G: samples per bin and axis) and writes
+``K * C * PH * PW``; the kernel reads each needed feature value with no intermediate tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._backend import resolve_backend
+from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, pair
+
+# Values the reference gathers at once (chunks of RoIs are processed in turn): 2**25 fp32
+# values are 128 MiB, which keeps the CPU reference within a few hundred MiB at any size.
+REF_GATHER_BUDGET = 1 << 25
+# torchvision's LevelMapper: eps added before the floor so that a box of exactly the
+# canonical size lands on the canonical level despite rounding in log2.
+LEVEL_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def boxes_to_rois(boxes: Tensor | Sequence[Tensor], name: str = "boxes") -> Tensor:
+    """Tensor[K, 5] ``(batch_index, x1, y1, x2, y2)`` from a list of per-image Tensor[Ki, 4]."""
+    if isinstance(boxes, Tensor):
+        check_boxes(name, boxes, allow_columns=(5,))
+        return boxes
+    if not isinstance(boxes, (list, tuple)) or len(boxes) == 0:
+        raise ValueError(f"{name} must be a Tensor[K, 5] or a non-empty list of Tensor[Ki, 4]")
+    for i, b in enumerate(boxes):
+        check_boxes(f"{name}[{i}]", b)
+    dtype, device = boxes[0].dtype, boxes[0].device
+    for i, b in enumerate(boxes):
+        if b.device != device:
+            raise ValueError(f"{name}[{i}] is on {b.device} but {name}[0] is on {device}")
+    idx = torch.cat([torch.full((len(b), 1), i, dtype=dtype, device=device) for i, b in enumerate(boxes)])
+    return torch.cat([idx, torch.cat([b.to(dtype) for b in boxes])], dim=1)
+
+
+def infer_scales(feature_sizes: Sequence[Sequence[int]], image_sizes: Sequence[Sequence[int]]) -> list[float]:
+    """Each level's scale as torchvision infers it: 2**round(log2(feature_h / max_image_h))."""
+    max_h = max(int(s[0]) for s in image_sizes)
+    return [2.0 ** round(math.log2(float(h) / float(max_h))) for h, _ in feature_sizes]
+
+
+def map_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224,
+               canonical_level: int = 4, eps: float = LEVEL_EPS) -> Tensor:
+    """FPN level index (0-based from ``k_min``) of each box, eq. (1) of the FPN paper.
+
+    ``boxes``: Tensor[K, 4]. Returns int64 Tensor[K] in ``[0, k_max - k_min]``.
+    """
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    s = torch.sqrt(area)
+    lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    return (torch.clamp(lvl, min=k_min, max=k_max).to(torch.int64) - k_min)
+
+
+def level_range(scales: Sequence[float]) -> tuple[int, int]:
+    """(k_min, k_max): the pyramid levels of the finest and coarsest feature maps."""
+    return int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+
+
+def _axis_taps(coord: Tensor, size: Tensor):
+    """torchvision's bilinear rule along one axis.
+
+    ``coord``: sample positions; ``size``: the feature extent along the axis (broadcastable).
+    Returns the two neighbour indices and their weights; a sample outside ``[-1, size]``
+    gets zero weights.
+    """
+    outside = (coord < -1.0) | (coord > size)
+    c = coord.clamp(min=0)
+    lo = c.floor()
+    at_edge = lo >= size - 1
+    lo = torch.where(at_edge, size - 1, lo)
+    hi = torch.where(at_edge, size - 1, lo + 1)
+    c = torch.where(at_edge, lo, c)
+    frac = c - lo
+    w_lo = torch.where(outside, 0.0, 1.0 - frac)
+    w_hi = torch.where(outside, 0.0, frac)
+    return lo.long(), hi.long(), w_lo, w_hi
+
+
+def _bin_samples(start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, g_max: int, size: Tensor):
+    """Sample taps along one axis for every RoI: indices and weights of shape [K, bins, 2*g_max]."""
+    p = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
+    i = torch.arange(g_max, device=start.device, dtype=start.dtype)[None, None, :]
+    b = bin_size[:, None, None]
+    g = grid[:, None, None]
+    coord = start[:, None, None] + p * b + (i + 0.5) * b / g.clamp(min=1)
+    lo, hi, w_lo, w_hi = _axis_taps(coord, size[:, None, None])
+    valid = i < g
+    w_lo, w_hi = w_lo * valid, w_hi * valid
+    k = start.shape[0]
+    idx = torch.stack([lo, hi], dim=-1).reshape(k, bins, 2 * g_max)
+    w = torch.stack([w_lo, w_hi], dim=-1).reshape(k, bins, 2 * g_max)
+    return idx, w
+
+
+def _roi_align_flat(table: Tensor, heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor,
+                    rois: Tensor, levels: Tensor, output_size: tuple[int, int], sampling_ratio: int,
+                    aligned: bool) -> Tensor:
+    """RoI Align over levels flattened into ``table``: Tensor[N, S, C] (S = sum of H*W).
+
+    ``heights``, ``widths``, ``offsets``, ``scales``: per-level Tensor[L]; ``rois``:
+    Tensor[K, 5]; ``levels``: int64 Tensor[K]. Returns Tensor[K, C, PH, PW] in table's dtype.
+    """
+    ph, pw = output_size
+    k, c = rois.shape[0], table.shape[2]
+    cdt = table.dtype
+    out = table.new_empty((k, c, ph, pw))
+    if k == 0:
+        return out
+    rois = rois.to(cdt)
+    h, w = heights[levels].to(cdt), widths[levels].to(cdt)
+    scale = scales[levels].to(cdt)
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * scale - offset
+    y1 = rois[:, 2] * scale - offset
+    roi_w = rois[:, 3] * scale - offset - x1
+    roi_h = rois[:, 4] * scale - offset - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / pw, roi_h / ph
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full_like(roi_h, float(sampling_ratio))
+        gy = gx = sampling_ratio
+    else:
+        grid_h, grid_w = torch.ceil(roi_h / ph).clamp(min=0), torch.ceil(roi_w / pw).clamp(min=0)
+        # Host sync: the reference sizes its sample grid by the largest RoI (kernels do not).
+        gy, gx = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
+    count = (grid_h * grid_w).clamp(min=1)
+    iy, wy = _bin_samples(y1, bin_h, grid_h, ph, gy, h)
+    ix, wx = _bin_samples(x1, bin_w, grid_w, pw, gx, w)
+    wy = wy / count[:, None, None]
+    flat = (offsets[levels][:, None, None, None, None]
+            + iy[:, :, :, None, None] * widths[levels][:, None, None, None, None]
+            + ix[:, None, None, :, :])  # [K, PH, 2Gy, PW, 2Gx]
+    batch = rois[:, 0].long()
+    per_roi = ph * 2 * gy * pw * 2 * gx * c
+    chunk = max(1, REF_GATHER_BUDGET // per_roi)
+    parts = []
+    for s in range(0, k, chunk):  # loop over memory-bounded chunks of RoIs, not over RoIs
+        e = min(k, s + chunk)
+        vals = table[batch[s:e, None, None, None, None], flat[s:e]]  # [k, PH, 2Gy, PW, 2Gx, C]
+        parts.append(torch.einsum("kpa,kpaqbc,kqb->kcpq", wy[s:e], vals, wx[s:e]))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _level_table(features: Sequence[Tensor], compute_dtype: torch.dtype):
+    """Flatten feature maps [N, C, H, W] into one [N, sum(H*W), C] table and its level tables."""
+    n, c = features[0].shape[:2]
+    device = features[0].device
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(n, -1, c) for f in features], dim=1).to(compute_dtype)
+    sizes = torch.tensor([[f.shape[2], f.shape[3]] for f in features], dtype=torch.int64, device=device)
+    heights, widths = sizes[:, 0], sizes[:, 1]
+    offsets = torch.cumsum(heights * widths, 0) - heights * widths
+    return table, heights, widths, offsets
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def roi_align_ref(input: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0,
+                  sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """Pure-PyTorch RoI Align: ``input`` Tensor[N, C, H, W], ``rois`` Tensor[K, 5].
+
+    Returns Tensor[K, C, PH, PW] in ``input``'s dtype (fp16/bf16 are computed in fp32).
+    Differentiable w.r.t. ``input`` through autograd.
+    """
+    cdt = _compute_dtype(input.dtype)
+    table, heights, widths, offsets = _level_table([input], cdt)
+    scales = torch.tensor([spatial_scale], dtype=cdt, device=input.device)
+    levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=input.device)
+    out = _roi_align_flat(table, heights, widths, offsets, scales, rois, levels, pair("output_size", output_size),
+                          sampling_ratio, aligned)
+    return out.to(input.dtype)
+
+
+def multiscale_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_size, scales: Sequence[float],
+                             sampling_ratio: int = 2, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
+    """Multi-level RoI Align, all levels in one vectorised pass (no per-level loop).
+
+    ``features``: Tensor[N, C, H_l, W_l] per level, finest first; ``rois``: Tensor[K, 5];
+    ``scales``: per-level spatial scale (1/stride). Each RoI is pooled from the level given
+    by :func:`map_levels`. Returns Tensor[K, C, PH, PW] in the features' dtype.
+    """
+    cdt = _compute_dtype(features[0].dtype)
+    table, heights, widths, offsets = _level_table(features, cdt)
+    k_min, k_max = level_range(scales)
+    levels = map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    scale_t = torch.tensor(list(scales), dtype=cdt, device=features[0].device)
+    out = _roi_align_flat(table, heights, widths, offsets, scale_t, rois, levels, pair("output_size", output_size),
+                          sampling_ratio, aligned=False)
+    return out.to(features[0].dtype)
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def _check_features(name: str, feats: Sequence[Tensor]) -> None:
+    for i, f in enumerate(feats):
+        check_tensor(f"{name}[{i}]" if len(feats) > 1 else name, f, ndim=4, dtypes=FLOAT_DTYPES)
+    n, c = feats[0].shape[:2]
+    for i, f in enumerate(feats[1:], 1):
+        if f.shape[:2] != (n, c):
+            raise ValueError(f"{name}[{i}] has batch and channels {tuple(f.shape[:2])}, {name}[0] has {(n, c)}")
+        if f.dtype != feats[0].dtype or f.device != feats[0].device:
+            raise ValueError(f"{name}[{i}] has dtype/device {f.dtype}/{f.device}, {name}[0] has {feats[0].dtype}/{feats[0].device}")
+
+
+def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False, *, backend: str | None = None) -> Tensor:
+    """RoI Align, the same result as ``torchvision.ops.roi_align``.
+
+    Args:
+        input: Tensor[N, C, H, W] (NCHW or channels-last), fp16/bf16/fp32/fp64.
+        boxes: Tensor[K, 5] ``(batch_index, x1, y1, x2, y2)`` or a list of N Tensor[Ki, 4].
+        output_size: int or (PH, PW).
+        spatial_scale: feature cells per input pixel (1 / stride).
+        sampling_ratio: samples per bin and axis; <= 0 picks ``ceil(roi_size / output_size)``.
+        aligned: shift boxes by half a cell so that pixel edges line up (see module docs).
+        backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``).
+
+    Returns Tensor[K, C, PH, PW] in ``input``'s dtype; differentiable w.r.t. ``input``.
+    """
+    _check_features("input", [input])
+    rois = boxes_to_rois(boxes)
+    check_same_device(input=input, boxes=rois)
+    out_hw = pair("output_size", output_size)
+    if rois.shape[0] and input.shape[0] == 0:
+        raise ValueError("input has batch size 0 but boxes is not empty")
+    if resolve_backend(backend, input, "roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
+        from ._roi_align_triton import roi_align_triton
+        return roi_align_triton([input], rois, out_hw, [spatial_scale], sampling_ratio, aligned, levels=None)
+    return roi_align_ref(input, rois, out_hw, spatial_scale, sampling_ratio, aligned)
+
+
+def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], output_size,
+                         image_sizes: Sequence[Sequence[int]], sampling_ratio: int = 2,
+                         canonical_scale: float = 224, canonical_level: int = 4, *,
+                         backend: str | None = None) -> Tensor:
+    """Multi-level RoI Align over FPN levels, the same result as torchvision's ``MultiScaleRoIAlign``.
+
+    Args:
+        features: per-level Tensor[N, C, H_l, W_l], finest level first (e.g. P2..P5).
+        boxes: list of N Tensor[Ki, 4] in image coordinates ``(x1, y1, x2, y2)``.
+        output_size: int or (PH, PW).
+        image_sizes: the (h, w) of each image; the level scales are inferred from them as
+            torchvision does.
+        sampling_ratio, canonical_scale, canonical_level: see ``MultiScaleRoIAlign``.
+
+    Returns Tensor[sum Ki, C, PH, PW], differentiable w.r.t. every level. The Triton backend
+    runs all levels in one launch.
+    """
+    if not isinstance(features, (list, tuple)) or len(features) == 0:
+        raise ValueError("features must be a non-empty list of Tensor[N, C, H, W]")
+    _check_features("features", features)
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError("boxes must be a list of per-image Tensor[Ki, 4]")
+    rois = boxes_to_rois(boxes)
+    check_same_device(features=features[0], boxes=rois)
+    if len(boxes) != features[0].shape[0]:
+        raise ValueError(f"boxes has {len(boxes)} images but features have batch size {features[0].shape[0]}")
+    if not image_sizes or len(image_sizes) != len(boxes):
+        raise ValueError(f"image_sizes must give (h, w) for each of the {len(boxes)} images")
+    out_hw = pair("output_size", output_size)
+    scales = infer_scales([f.shape[-2:] for f in features], image_sizes)
+    if resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
+        from ._roi_align_triton import roi_align_triton
+        k_min, k_max = level_range(scales)
+        levels = map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+        return roi_align_triton(list(features), rois, out_hw, scales, sampling_ratio, False, levels=levels)
+    return multiscale_roi_align_ref(features, rois, out_hw, scales, sampling_ratio, canonical_scale, canonical_level)
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Drop-in for ``torchvision.ops.MultiScaleRoIAlign``: ``m(features_dict, boxes, image_sizes)``.
+
+    Holds no state between calls: the level scales are inferred on every call from the
+    feature and image sizes (a few float operations on the host).
+    """
+
+    def __init__(self, featmap_names: Sequence[str], output_size, sampling_ratio: int, *,
+                 canonical_scale: float = 224, canonical_level: int = 4, backend: str | None = None):
+        super().__init__()
+        if isinstance(featmap_names, str) or not featmap_names:
+            raise ValueError("featmap_names must be a non-empty list of feature map names")
+        self.featmap_names = list(featmap_names)
+        self.output_size = pair("output_size", output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.backend = backend
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        missing = [name for name in self.featmap_names if name not in x]
+        if missing:
+            raise ValueError(f"features has no map named {missing}; it has {list(x)}")
+        feats = [x[name] for name in self.featmap_names]
+        return multiscale_roi_align(feats, boxes, self.output_size, image_shapes, self.sampling_ratio,
+                                    self.canonical_scale, self.canonical_level, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"

@@ -1,0 +1,62 @@
+"""Backend selection: names, the environment variable, and clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmask.ops import resolve_backend, roi_align
+from fastmask.ops._backend import check_backend_name
+
+
+def test_names_and_environment(monkeypatch):
+    x = torch.zeros(1)
+    assert resolve_backend("torch", x, "op") == "torch"
+    assert resolve_backend("auto", x, "op") == "torch"  # CPU tensors use the reference under auto
+    monkeypatch.setenv("FASTMASK_BACKEND", "torch")
+    assert check_backend_name(None) == "torch"
+    monkeypatch.setenv("FASTMASK_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FASTMASK_BACKEND"):
+        resolve_backend(None, x, "op")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("fast", x, "op")
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(RuntimeError, match="roi_align: backend='triton' was asked for but cannot run.*TRITON_INTERPRET"):
+        roi_align(x, torch.zeros(1, 5), 2, backend="triton")
+
+
+def test_triton_unsupported_dtype_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype torch.float64 is not supported"):
+        roi_align(x, torch.zeros(1, 5, dtype=torch.float64), 2, backend="triton")
+
+
+def test_torch_backend_never_imports_triton():
+    """The library's import and every op with backend='torch' must not import Triton."""
+    code = """
+import sys, torch
+import fastmask.ops as ops
+x = torch.randn(2, 3, 16, 16)
+ops.roi_align(x, torch.tensor([[0, 1.0, 1, 9, 9]]), 2, backend="torch")
+ops.multiscale_roi_align([x, x[..., ::2, ::2]], [torch.tensor([[1.0, 1, 9, 9]]), torch.zeros(0, 4)], 2, [(16, 16)] * 2, backend="torch")
+b = torch.tensor([[0, 0, 4, 4], [1, 1, 5, 5], [10, 10, 12, 12.0]])
+s = torch.tensor([0.9, 0.8, 0.7])
+ops.nms(b, s, 0.5, backend="torch")
+ops.batched_nms(b, s, torch.tensor([0, 1, 0]), 0.5, backend="torch")
+ops.decode_boxes(torch.zeros(3, 4), b, backend="torch")
+ops.encode_boxes(b, b + 1, backend="torch")
+ops.paste_masks(torch.rand(3, 1, 7, 7), b, (16, 16), backend="torch")
+assert "triton" not in sys.modules, "backend='torch' imported triton"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTMASK_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

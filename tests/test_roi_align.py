@@ -1,0 +1,229 @@
+"""RoI Align reference (backend="torch") against torchvision: forward, gradients, edge cases."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+from helpers import TOL, assert_close_verbose, random_boxes
+
+from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
+from fastmask.ops.roi_align import boxes_to_rois, map_levels, roi_align_ref
+
+
+def make_rois(n_images, k, max_coord, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(k, max_coord, generator=g, dtype=torch.float64)
+    boxes -= max_coord * 0.15  # some boxes start outside the image
+    idx = torch.randint(0, n_images, (k, 1), generator=g).double()
+    return torch.cat([idx, boxes], dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roi_align_matches_torchvision(dtype, aligned, sampling_ratio, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 11, 14, generator=g, dtype=dtype)
+    rois = make_rois(2, 23, 40.0, seed, dtype)
+    for out_size, scale in [((7, 7), 0.25), ((3, 5), 0.5), (4, 1.0)]:
+        expected = torchvision.ops.roi_align(x, rois, out_size, scale, sampling_ratio, aligned)
+        got = roi_align(x, rois, out_size, scale, sampling_ratio, aligned, backend="torch")
+        assert_close_verbose(got, expected, *TOL[dtype], what=f"out={out_size} scale={scale}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_roi_align_low_precision(dtype):
+    x = torch.randn(2, 4, 9, 10).to(dtype)
+    rois = make_rois(2, 17, 30.0, 3)
+    got = roi_align(x, rois, 5, 0.5, 2, True, backend="torch")
+    assert got.dtype == dtype
+    # The reference accumulates in fp32: compare with torchvision on the same rounded values in fp32.
+    expected = torchvision.ops.roi_align(x.float(), rois, 5, 0.5, 2, True).to(dtype)
+    assert_close_verbose(got, expected, *TOL[dtype])
+
+
+def test_roi_align_list_boxes_channels_last_and_noncontiguous():
+    x = torch.randn(3, 6, 12, 13)
+    boxes = [random_boxes(k, 40.0, generator=torch.Generator().manual_seed(k)) for k in (4, 0, 7)]
+    expected = torchvision.ops.roi_align(x, boxes, 6, 0.3, 2, False)
+    assert_close_verbose(roi_align(x, boxes, 6, 0.3, 2, False, backend="torch"), expected, *TOL[torch.float32])
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert_close_verbose(roi_align(x_cl, boxes, 6, 0.3, 2, False, backend="torch"), expected, *TOL[torch.float32])
+    x_t = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, permuted strides
+    assert not x_t.is_contiguous()
+    assert_close_verbose(roi_align(x_t, boxes, 6, 0.3, 2, False, backend="torch"), expected, *TOL[torch.float32])
+
+
+def test_roi_align_edge_boxes():
+    x = torch.randn(1, 3, 8, 9, dtype=torch.float64)
+    rois = torch.tensor([
+        [0, -20, -20, -10, -10],   # wholly outside (top-left)
+        [0, 30, 30, 50, 50],       # wholly outside (bottom-right)
+        [0, 3, 3, 3, 3],           # degenerate: a point
+        [0, 5, 2, 4, 6],           # x2 < x1
+        [0, -3, -3, 20, 20],       # covers and exceeds the map
+        [0, 7.9, 6.9, 8.6, 7.2],   # on the last row/column
+    ], dtype=torch.float64)
+    for aligned in (False, True):
+        for sr in (-1, 1, 3):
+            expected = torchvision.ops.roi_align(x, rois, (2, 3), 1.0, sr, aligned)
+            got = roi_align(x, rois, (2, 3), 1.0, sr, aligned, backend="torch")
+            assert_close_verbose(got, expected, *TOL[torch.float64], what=f"aligned={aligned} sr={sr}")
+
+
+def test_roi_align_zero_boxes():
+    x = torch.randn(2, 4, 5, 5)
+    out = roi_align(x, torch.zeros(0, 5), 3, backend="torch")
+    assert out.shape == (0, 4, 3, 3)
+    out = roi_align(x, [torch.zeros(0, 4), torch.zeros(0, 4)], (2, 4), backend="torch")
+    assert out.shape == (0, 4, 2, 4)
+
+
+def test_roi_align_inputs_not_modified():
+    x = torch.randn(2, 3, 7, 8)
+    rois = make_rois(2, 9, 20.0, 5)
+    x0, r0 = x.clone(), rois.clone()
+    roi_align(x, rois, 3, 0.5, -1, True, backend="torch")
+    assert torch.equal(x, x0) and torch.equal(rois, r0)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roi_align_backward_matches_torchvision(aligned, sampling_ratio):
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    rois = make_rois(2, 15, 36.0, 11, torch.float64)
+    grad = torch.randn(15, 3, 4, 4, dtype=torch.float64)
+    x1 = x.clone().requires_grad_()
+    torchvision.ops.roi_align(x1, rois, 4, 0.4, sampling_ratio, aligned).backward(grad)
+    x2 = x.clone().requires_grad_()
+    roi_align(x2, rois, 4, 0.4, sampling_ratio, aligned, backend="torch").backward(grad)
+    assert_close_verbose(x2.grad, x1.grad, *TOL[torch.float64])
+
+
+def test_roi_align_gradcheck():
+    x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 5.1], [0, 2.5, 1.0, 6.5, 3.3]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (3, 2), 1.0, 2, True, backend="torch"), (x,))
+
+
+# --------------------------------------------------------------------------- multi-level
+
+
+def make_pyramid(n, c, image_hw, strides=(4, 8, 16, 32), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    return [torch.randn(n, c, math.ceil(h / s), math.ceil(w / s), generator=g, dtype=dtype) for s in strides]
+
+
+def pyramid_boxes(k, image_hw, seed):
+    """Boxes of sizes spread over every FPN level, plus boxes exactly on level boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    side = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(math.log(4), math.log(600), generator=g))
+    aspect = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(-1, 1, generator=g))
+    bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
+    x1 = torch.rand(k, generator=g, dtype=torch.float64) * w - bw / 3
+    y1 = torch.rand(k, generator=g, dtype=torch.float64) * h - bh / 3
+    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    # sqrt(area) = 224 * 2**j: exactly on the boundary between levels 4 + j - 1 and 4 + j.
+    edge = torch.tensor([[10.0, 12.0, 10.0 + 224 * 2.0 ** j, 12.0 + 224 * 2.0 ** j] for j in (-2, -1, 0, 1)],
+                        dtype=torch.float64)
+    return torch.cat([boxes, edge]).float()
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+@pytest.mark.parametrize("output_size,sampling_ratio", [(7, 2), (14, 2), ((5, 3), -1)])
+def test_multiscale_matches_torchvision(levels, output_size, sampling_ratio):
+    image_sizes = [(123, 150), (96, 160)]
+    feats = make_pyramid(2, 4, (128, 160))[:levels]
+    boxes = [pyramid_boxes(9, image_sizes[0], 1), pyramid_boxes(6, image_sizes[1], 2)]
+    names = [f"p{i}" for i in range(levels)]
+    tv = torchvision.ops.MultiScaleRoIAlign(names, output_size, sampling_ratio)
+    expected = tv(dict(zip(names, feats)), boxes, image_sizes)
+    got = multiscale_roi_align(feats, boxes, output_size, image_sizes, sampling_ratio, backend="torch")
+    assert_close_verbose(got, expected, *TOL[torch.float32])
+    module = MultiScaleRoIAlign(names, output_size, sampling_ratio, backend="torch")
+    assert_close_verbose(module(dict(zip(names, feats)), boxes, image_sizes), expected, *TOL[torch.float32])
+    assert list(module.state_dict()) == []
+
+
+def test_multiscale_backward_matches_torchvision():
+    image_sizes = [(128, 160), (128, 140)]
+    feats = make_pyramid(2, 3, (128, 160), dtype=torch.float64, seed=4)
+    boxes = [pyramid_boxes(8, image_sizes[0], 5).double(), pyramid_boxes(5, image_sizes[1], 6).double()]
+    names = ["0", "1", "2", "3"]
+    grad = torch.randn(sum(len(b) for b in boxes), 3, 7, 7, dtype=torch.float64)
+    f1 = [f.clone().requires_grad_() for f in feats]
+    torchvision.ops.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, f1)), boxes, image_sizes).backward(grad)
+    f2 = [f.clone().requires_grad_() for f in feats]
+    multiscale_roi_align(f2, boxes, 7, image_sizes, 2, backend="torch").backward(grad)
+    for i, (a, b) in enumerate(zip(f2, f1)):
+        assert_close_verbose(a.grad, b.grad, *TOL[torch.float64], what=f"level {i}")
+    assert any(float(b.grad.abs().sum()) > 0 for b in f1)
+
+
+def test_multiscale_gradcheck():
+    feats = [torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True),
+             torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)]
+    boxes = [torch.tensor([[1.0, 2.0, 9.0, 12.0], [3.0, 1.0, 30.0, 29.0]], dtype=torch.float64)]
+    fn = lambda a, b: multiscale_roi_align([a, b], boxes, 2, [(32, 32)], 2, canonical_scale=16, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(feats))
+
+
+def test_map_levels_boundaries():
+    s = torch.tensor([112.0, 224.0, 448.0, 223.9, 10.0, 5000.0])
+    boxes = torch.stack([torch.zeros_like(s), torch.zeros_like(s), s, s], 1)
+    assert map_levels(boxes, 2, 5).tolist() == [1, 2, 3, 1, 0, 3]
+
+
+def test_multiscale_zero_boxes_and_one_empty_image():
+    feats = make_pyramid(2, 4, (64, 64))
+    out = multiscale_roi_align(feats, [torch.zeros(0, 4), torch.zeros(0, 4)], 7, [(64, 64)] * 2, backend="torch")
+    assert out.shape == (0, 4, 7, 7)
+    boxes = [torch.zeros(0, 4), pyramid_boxes(3, (64, 64), 0)]
+    expected = torchvision.ops.MultiScaleRoIAlign(["a", "b", "c", "d"], 7, 2)(
+        dict(zip("abcd", feats)), boxes, [(64, 64)] * 2)
+    got = multiscale_roi_align(feats, boxes, 7, [(64, 64)] * 2, backend="torch")
+    assert_close_verbose(got, expected, *TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_roi_align_bad_input():
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match="input must have 4 dimensions"):
+        roi_align(x[0], torch.zeros(1, 5), 2, backend="torch")
+    with pytest.raises(ValueError, match=r"shape \[K, 5\]"):
+        roi_align(x, torch.zeros(3, 4), 2, backend="torch")
+    with pytest.raises(ValueError, match="non-finite"):
+        roi_align(x, torch.tensor([[0, 1.0, float("nan"), 2, 2]]), 2, backend="torch")
+    with pytest.raises(TypeError, match="dtype"):
+        roi_align(x.int(), torch.zeros(1, 5), 2, backend="torch")
+    with pytest.raises(ValueError, match="output_size"):
+        roi_align(x, torch.zeros(1, 5), 0, backend="torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        roi_align(x, torch.zeros(1, 5), 2, backend="cuda")
+    with pytest.raises(TypeError, match="boxes"):
+        boxes_to_rois([torch.zeros(1, 4, dtype=torch.int64)])
+
+
+def test_multiscale_bad_input():
+    feats = make_pyramid(2, 4, (64, 64))
+    boxes = [torch.zeros(1, 4), torch.zeros(1, 4)]
+    with pytest.raises(ValueError, match="image_sizes"):
+        multiscale_roi_align(feats, boxes, 7, [(64, 64)], backend="torch")
+    with pytest.raises(ValueError, match="boxes has 1 images"):
+        multiscale_roi_align(feats, boxes[:1], 7, [(64, 64)], backend="torch")
+    with pytest.raises(ValueError, match=r"features\[1\]"):
+        multiscale_roi_align([feats[0], feats[1][:, :2]], boxes, 7, [(64, 64)] * 2, backend="torch")
+    with pytest.raises(ValueError, match="no map named"):
+        MultiScaleRoIAlign(["x"], 7, 2)({"y": feats[0]}, boxes, [(64, 64)] * 2)
+
+
+def test_reference_direct_call_matches_public_op():
+    x = torch.randn(1, 2, 6, 6)
+    rois = make_rois(1, 5, 20.0, 9)
+    assert torch.equal(roi_align_ref(x, rois, 3, 0.5, 2, False), roi_align(x, rois, 3, 0.5, 2, False, backend="torch"))

@@ -4,17 +4,19 @@ Every op takes ``backend=None | "auto" | "triton" | "torch"`` (see ``_backend``)
 """
 
 from ._backend import BACKENDS, resolve_backend
-from .anchors import AnchorGenerator
+from .anchors import AnchorGenerator, AnchorGeometry
 from .boxes import box_area, box_iou, clip_boxes_to_image, decode_boxes, encode_boxes, remove_small_boxes
-from .masks import paste_masks
+from .masks import BoxMasks, paste_masks, paste_masks_in_boxes
 from .nms import batched_nms, nms, nms_keep_mask
+from .proposals import rpn_proposals
 from .roi_align import MultiScaleRoIAlign, multiscale_roi_align, roi_align
 
 __all__ = [
     "BACKENDS", "resolve_backend",
-    "AnchorGenerator",
+    "AnchorGenerator", "AnchorGeometry",
     "box_area", "box_iou", "clip_boxes_to_image", "decode_boxes", "encode_boxes", "remove_small_boxes",
-    "paste_masks",
+    "BoxMasks", "paste_masks", "paste_masks_in_boxes",
     "batched_nms", "nms", "nms_keep_mask",
+    "rpn_proposals",
     "MultiScaleRoIAlign", "multiscale_roi_align", "roi_align",
 ]

@@ -1,4 +1,298 @@
-# TEMPORARY placeholder, being replaced by the real module in this session.
-def _todo(*a, **k):
-    raise NotImplementedError("nms is being written")
-nms = batched_nms = nms_keep_mask = _todo
+"""Non-maximum suppression (NMS), plain and batched, with torchvision's semantics.
+
+Greedy NMS visits the boxes by decreasing score (a stable sort: equal scores keep their
+input order) and keeps a box unless an already kept box of the same group has
+``IoU > iou_threshold`` with it (an IoU exactly equal to the threshold keeps the box).
+Groups are the class ``idxs`` of ``batched_nms`` (and the image of ``nms_keep_mask``'s
+batched form): a box only suppresses boxes of its own group, tested by equality of the
+indices, never by offsetting coordinates.
+
+IoU is computed operation by operation as torchvision's CPU kernel does, in the box dtype
+(fp16/bf16 boxes in fp32): ``area = (x2 - x1) * (y2 - y1)``,
+``inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))``,
+``iou = inter / (area_i + area_j - inter)``, and ``iou > iou_threshold`` is decided in
+float64. The reference and the Triton kernels round the same way, so both keep exactly
+torchvision's CPU indices, on every device. (torchvision's CUDA kernel sorts unstably, so
+where scores are equal it may keep another box than its CPU kernel; fastmask keeps the
+CPU's choice.)
+
+The reference (``nms_ref``, ``nms_keep_mask_ref``) sorts the boxes once and resolves them in
+tiles of ``REF_TILE`` sorted boxes: a tile is first suppressed by the boxes already kept in
+earlier tiles (one [kept, tile] IoU matrix), then resolved internally by the fixed-point
+iteration ``keep[i] = not suppressed[i] and not any(keep[j] and iou[j, i] > thr, j < i)``,
+which agrees with greedy NMS on its first k boxes after k rounds and so reaches it in at
+most ``REF_TILE`` rounds (a few in practice). It holds a [kept, tile] matrix at a time;
+its work grows as N * kept. The kernels instead write the IoU test of every upper-triangle
+pair once as bits (N^2 / 8 bytes, in bounded chunks) and walk the bits on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from ._backend import resolve_backend
+from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+
+# Sorted boxes the reference resolves together. Larger tiles mean fewer Python steps but
+# a longer fixed-point iteration and a bigger [kept, tile] matrix; of 64-512, 128 was the
+# fastest on the CPU at 1k-5k boxes (one thread).
+REF_TILE = 128
+
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_threshold(iou_threshold) -> float:
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
+        raise TypeError(f"iou_threshold must be a float, got {type(iou_threshold).__name__}")
+    thr = float(iou_threshold)
+    if not math.isfinite(thr):
+        raise ValueError(f"iou_threshold must be a finite number, got {thr}")
+    return thr
+
+
+def _check_inputs(boxes, scores, iou_threshold, idxs=None, valid=None, *, batched_ok=False) -> float:
+    """Validate NMS inputs; returns the threshold as a float.
+
+    ``boxes``: Tensor[N, 4] (or Tensor[B, N, 4] when ``batched_ok``); ``scores``, ``idxs`` and
+    ``valid`` have the boxes' leading shape.
+    """
+    check_tensor("boxes", boxes, last_dim=4)
+    if boxes.dim() != 2 and not (batched_ok and boxes.dim() == 3):
+        shapes = "[N, 4] or [B, N, 4]" if batched_ok else "[N, 4]"
+        raise ValueError(f"boxes must have shape {shapes}, got {tuple(boxes.shape)}")
+    lead = tuple(boxes.shape[:-1])
+    check_tensor("scores", scores)
+    if tuple(scores.shape) != lead:
+        raise ValueError(f"scores must have shape {list(lead)} to match boxes {tuple(boxes.shape)}, "
+                         f"got {tuple(scores.shape)}")
+    if idxs is not None:
+        check_tensor("idxs", idxs, dtypes=INDEX_DTYPES)
+        if tuple(idxs.shape) != lead:
+            raise ValueError(f"idxs must have shape {list(lead)} to match boxes {tuple(boxes.shape)}, "
+                             f"got {tuple(idxs.shape)}")
+    if valid is not None:
+        check_tensor("valid", valid, dtypes=(torch.bool,))
+        if tuple(valid.shape) != lead:
+            raise ValueError(f"valid must have shape {list(lead)} to match boxes {tuple(boxes.shape)}, "
+                             f"got {tuple(valid.shape)}")
+    check_same_device(boxes=boxes, scores=scores, idxs=idxs, valid=valid)
+    check_finite("boxes", boxes if valid is None or boxes.device.type != "cpu" else boxes[valid])
+    return _check_threshold(iou_threshold)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype IoU is computed in: fp64 for fp64 boxes, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def iou_exceeds_ref(a: Tensor, b: Tensor, iou_threshold: float) -> Tensor:
+    """Bool Tensor[A, B]: ``IoU(a[i], b[j]) > iou_threshold``, rounded as torchvision's CPU kernel.
+
+    ``a``: Tensor[A, 4], ``b``: Tensor[B, 4], both in the compute dtype.
+    """
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+    inter = w * h
+    iou = inter / (area_a[:, None] + area_b[None, :] - inter)
+    # torchvision compares the IoU (in the box dtype) with the threshold as a double.
+    return iou.to(torch.float64) > iou_threshold
+
+
+def _greedy_sorted_ref(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS over boxes already sorted by decreasing score.
+
+    ``boxes``: Tensor[T, 4] in the compute dtype; ``groups``: int64 Tensor[T] (a box only
+    suppresses boxes of its own group). Returns bool Tensor[T], True = kept.
+    """
+    t = boxes.shape[0]
+    keep = torch.zeros(t, dtype=torch.bool, device=boxes.device)
+    for start in range(0, t, REF_TILE):
+        tile, tile_groups = boxes[start:start + REF_TILE], groups[start:start + REF_TILE]
+        n = tile.shape[0]
+        # Suppression by the boxes kept in earlier tiles: their decisions are final.
+        kept = keep[:start].nonzero().squeeze(1)
+        by_earlier = (iou_exceeds_ref(boxes[kept], tile, iou_threshold)
+                      & (groups[kept][:, None] == tile_groups[None, :])).any(dim=0)
+        # Within the tile: sup[j, i] = box j (earlier in the order) would suppress box i.
+        sup = (iou_exceeds_ref(tile, tile, iou_threshold)
+               & (tile_groups[:, None] == tile_groups[None, :])
+               & torch.ones(n, n, dtype=torch.bool, device=boxes.device).triu(diagonal=1))
+        tile_keep = ~by_earlier
+        while True:  # at most n rounds: round k fixes box k for good
+            new = ~by_earlier & ~(tile_keep[:, None] & sup).any(dim=0)
+            if torch.equal(new, tile_keep):
+                break
+            tile_keep = new
+        keep[start:start + n] = tile_keep
+    return keep
+
+
+def _sorted_order(scores: Tensor) -> Tensor:
+    """Indices by decreasing score; equal scores keep their input order (torchvision's CPU sort)."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def nms_keep_mask_ref(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None = None,
+                      valid: Tensor | None = None) -> Tensor:
+    """Reference of ``nms_keep_mask``: bool Tensor[N] or Tensor[B, N], True = kept, in input order.
+
+    The images of a batch and the classes in ``idxs`` are groups: boxes suppress only boxes
+    of their own image and class. ``valid=False`` boxes are neither kept nor suppress others.
+    """
+    lead = boxes.shape[:-1]
+    flat_boxes = boxes.reshape(-1, 4).to(compute_dtype(boxes.dtype))
+    flat_scores = scores.reshape(-1)
+    image = torch.arange(lead.numel(), device=boxes.device) // max(lead[-1], 1)
+    cls = idxs.reshape(-1).to(torch.int64) if idxs is not None else torch.zeros_like(image)
+    # One group id per (image, class) pair.
+    groups = torch.unique(torch.stack([image, cls], dim=1), dim=0, return_inverse=True)[1]
+    candidates = torch.arange(lead.numel(), device=boxes.device)
+    if valid is not None:
+        candidates = candidates[valid.reshape(-1)]
+    order = candidates[_sorted_order(flat_scores[candidates])]
+    keep_sorted = _greedy_sorted_ref(flat_boxes[order], groups[order], iou_threshold)
+    keep = torch.zeros(lead.numel(), dtype=torch.bool, device=boxes.device)
+    keep[order] = keep_sorted
+    return keep.reshape(lead)
+
+
+def nms_ref(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None = None) -> Tensor:
+    """Reference NMS: int64 indices of the kept boxes by decreasing score (equal scores: input order).
+
+    ``boxes``: Tensor[N, 4] ``(x1, y1, x2, y2)``; ``scores``: Tensor[N]; ``idxs``: optional
+    integer Tensor[N] of classes (then it is ``batched_nms``).
+    """
+    order = _sorted_order(scores)
+    groups = idxs.to(torch.int64) if idxs is not None else torch.zeros_like(order)
+    keep = _greedy_sorted_ref(boxes.to(compute_dtype(boxes.dtype))[order], groups[order], iou_threshold)
+    return order[keep]
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, backend: str | None = None) -> Tensor:
+    """Non-maximum suppression, as ``torchvision.ops.nms``.
+
+    ``boxes``: Tensor[N, 4] ``(x1, y1, x2, y2)`` (fp16, bf16, fp32 or fp64; fp16/bf16 are
+    compared in fp32); ``scores``: Tensor[N] float. A box is removed when a kept box with a
+    higher score has ``IoU > iou_threshold`` with it. Returns int64 Tensor[K], the kept
+    indices by decreasing score. ``backend``: see ``fastmask.ops._backend``; the Triton path
+    runs entirely on the GPU except for the final count of kept boxes.
+    """
+    thr = _check_inputs(boxes, scores, iou_threshold)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if _use_triton(backend, boxes, "nms"):
+        keep, order = _keep_mask_triton(boxes[None], scores[None], thr, None, None)
+        return order[0][keep[0][order[0]]]  # the one host sync: the number of kept boxes
+    return nms_ref(boxes, scores, thr)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
+                backend: str | None = None) -> Tensor:
+    """NMS within each class, as ``torchvision.ops.batched_nms``.
+
+    ``boxes``: Tensor[N, 4]; ``scores``: Tensor[N]; ``idxs``: integer Tensor[N], the class of
+    each box (boxes of different classes never suppress each other). Returns int64 Tensor[K],
+    the kept indices by decreasing score.
+    """
+    check_tensor("idxs", idxs, dtypes=INDEX_DTYPES)
+    thr = _check_inputs(boxes, scores, iou_threshold, idxs)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if _use_triton(backend, boxes, "batched_nms"):
+        keep, order = _keep_mask_triton(boxes[None], scores[None], thr, idxs[None], None)
+        return order[0][keep[0][order[0]]]  # the one host sync: the number of kept boxes
+    return nms_ref(boxes, scores, thr, idxs)
+
+
+def nms_keep_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None = None,
+                  valid: Tensor | None = None, *, backend: str | None = None) -> Tensor:
+    """NMS as a fixed-shape keep mask, with no host synchronisation on the Triton path.
+
+    ``boxes``: Tensor[N, 4] or a padded batch Tensor[B, N, 4]; ``scores``: Tensor[N] /
+    Tensor[B, N]; ``idxs``: optional integer classes of the same shape (e.g. the FPN level
+    for the RPN); ``valid``: optional bool Tensor of the same shape, False for padding.
+    Boxes suppress only boxes of the same image and class. Returns bool Tensor[N] /
+    Tensor[B, N] in input order, True = kept: ``nms_keep_mask(b, s, t, i)[k]`` is True
+    exactly when ``k`` is in ``batched_nms(b, s, i, t)``. The caller sorts or takes top-k.
+    """
+    thr = _check_inputs(boxes, scores, iou_threshold, idxs, valid, batched_ok=True)
+    if boxes.shape[-2] == 0:
+        return torch.zeros(boxes.shape[:-1], dtype=torch.bool, device=boxes.device)
+    if _use_triton(backend, boxes, "nms_keep_mask"):
+        lead = boxes.shape[:-1]
+        b3 = boxes.reshape(-1, lead[-1], 4)
+        keep, _ = _keep_mask_triton(b3, scores.reshape(b3.shape[:2]), thr,
+                                    None if idxs is None else idxs.reshape(b3.shape[:2]),
+                                    None if valid is None else valid.reshape(b3.shape[:2]))
+        return keep.reshape(lead)
+    return nms_keep_mask_ref(boxes, scores, thr, idxs, valid)
+
+
+# --------------------------------------------------------------------------- Triton path
+
+
+def _use_triton(backend: str | None, boxes: Tensor, op: str) -> bool:
+    return resolve_backend(backend, boxes, op, FLOAT_DTYPES) == "triton"
+
+
+def _sorted_keep_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None,
+                        valid: Tensor | None, *, max_chunk: int | None = None, poison: bool = False):
+    """Run the kernels on a padded batch, with no host synchronisation.
+
+    ``boxes``: Tensor[B, N, 4]; ``scores``, ``idxs``, ``valid``: Tensor[B, N]. Returns
+    ``(keep_sorted, src, score_order)``: int8 Tensor[B * N] keep flags in the kernels' order,
+    int64 Tensor[B * N] the flat input index at each position of that order, and int64
+    Tensor[B, N] each image's indices by decreasing score. ``max_chunk`` and ``poison`` are
+    passed to the launcher (tests).
+    """
+    from kernels import nms as nms_kernels
+
+    b, n = scores.shape
+    dev = boxes.device
+    # Decreasing score within each image (stable: ties in input order), then stably by class:
+    # each (image, class) becomes a contiguous segment, still by decreasing score inside.
+    score_order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = score_order
+    flat_pos = torch.arange(b * n, device=dev)
+    starts = flat_pos % n == 0
+    if idxs is not None:
+        cls, by_cls = torch.sort(idxs.gather(1, order), dim=1, stable=True)
+        order = order.gather(1, by_cls)
+        cls = cls.reshape(-1)
+        starts[1:] |= cls[1:] != cls[:-1]
+    src = (order + torch.arange(b, device=dev)[:, None] * n).reshape(-1)
+    sorted_boxes = boxes.reshape(-1, 4).index_select(0, src)
+    # Segment tables for the kernels (scans on the device): id, first position, and the
+    # first segment start at or after each position (with a sentinel at the end).
+    seg = (torch.cumsum(starts, 0) - 1).to(torch.int32)
+    seg_begin = torch.cummax(torch.where(starts, flat_pos, 0), 0).values.to(torch.int32)
+    marks = torch.where(starts, flat_pos, b * n).flip(0)
+    next_start = torch.cat([torch.cummin(marks, 0).values.flip(0), flat_pos.new_full((1,), b * n)]).to(torch.int32)
+    sorted_valid = valid.reshape(-1).index_select(0, src).to(torch.int8) if valid is not None else None
+    kwargs = {} if max_chunk is None else {"max_chunk": max_chunk}
+    keep_sorted = nms_kernels.nms_sorted_keep(sorted_boxes, seg, seg_begin, next_start, sorted_valid,
+                                              iou_threshold, poison=poison, **kwargs)
+    return keep_sorted, src, score_order
+
+
+def _keep_mask_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None,
+                      valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Bool Tensor[B, N] keep mask in input order, and each image's indices by decreasing score."""
+    keep_sorted, src, score_order = _sorted_keep_triton(boxes, scores, iou_threshold, idxs, valid)
+    keep = torch.empty(src.shape[0], dtype=torch.bool, device=boxes.device).scatter_(0, src, keep_sorted.bool())
+    return keep.reshape(scores.shape), score_order

@@ -1,0 +1,384 @@
+"""Mask paste: parity with torchvision's paste_masks_in_image, box-local output, edge cases.
+
+The reference runs on the CPU; the Triton kernel runs on the CPU through Triton's
+interpreter (small images, one or a few tiles per mask) and, in the CUDA-marked tests, on the
+GPU at realistic sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
+
+from fastmask.ops.masks import BoxMasks, paste_masks, paste_masks_in_boxes, paste_masks_in_boxes_ref, paste_masks_ref
+from helpers import TOL, TRITON_DEVICES, assert_close_verbose, requires_cuda
+from kernels.mask_paste import paste_masks_fwd
+
+# DESIGN.md: pasted masks agree on at least 99.9% of pixels after thresholding at 0.5.
+MIN_AGREEMENT = 0.999
+FLOAT_ATOL = 1e-5  # fp32 result vs torchvision's fp32 result
+
+
+# --------------------------------------------------------------------------- cases and oracle
+
+
+def mixed_boxes(n: int, h: int, w: int, seed: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Boxes of every kind: inside, partly outside, wholly outside, under one pixel, on the border."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([w + 16.0, h + 16.0]) - 8
+    wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.6, h * 0.6])
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    kinds = torch.arange(n) % 6
+    tiny = torch.rand(n, 2, generator=g, dtype=torch.float64) * 0.9
+    boxes[kinds == 1, 2:] = boxes[kinds == 1, :2] + tiny[kinds == 1]  # under one pixel
+    f64 = dict(dtype=torch.float64)
+    boxes[kinds == 2] = torch.tensor([0.0, 0.0, w - 1.0, h * 0.5], **f64)  # on the left, top and right borders
+    boxes[kinds == 3] = torch.tensor([w * 0.5, h * 0.25, float(w), float(h)], **f64)  # touching right and bottom
+    boxes[kinds == 4] += torch.tensor([w + 20.0, 0.0, w + 20.0, 0.0], **f64)  # wholly outside (right)
+    boxes = torch.round(boxes * 4) / 4  # quarter pixels: expanded edges land on and near integers
+    return boxes.to(dtype=dtype, device=device)
+
+
+def random_masks(n: int, m: int, seed: int, dtype=torch.float32, device="cpu", logits=False, mh=None):
+    g = torch.Generator().manual_seed(seed + 1000)
+    shape = (n, 1, mh or m, m)
+    x = torch.randn(shape, generator=g) * 4 if logits else torch.rand(shape, generator=g)
+    return x.to(dtype=dtype, device=device)
+
+
+def torchvision_paste(masks: torch.Tensor, boxes: torch.Tensor, image_size, padding: int = 1) -> torch.Tensor:
+    """torchvision's result, with zeros for boxes wholly outside the image (torchvision fails there).
+
+    Which boxes are wholly outside is decided with torchvision's own box expansion.
+    """
+    h, w = image_size
+    scale = float(masks.shape[-1] + 2 * padding) / masks.shape[-1]
+    b = expand_boxes(boxes, scale).to(torch.int64)
+    outside = (b[:, 0] >= w) | (b[:, 1] >= h) | (b[:, 2] < 0) | (b[:, 3] < 0)
+    out = masks.new_zeros((masks.shape[0], 1, h, w))
+    keep = (~outside).nonzero()[:, 0]
+    if len(keep):
+        out[keep] = paste_masks_in_image(masks[keep], boxes[keep], (h, w), padding)
+    return out
+
+
+def assert_agreement(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bool masks agree on at least MIN_AGREEMENT of the pixels."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype == torch.bool, what
+    agree = (actual == expected).double().mean().item()
+    assert agree >= MIN_AGREEMENT, f"{what}: {agree:.6f} of pixels agree, need {MIN_AGREEMENT}"
+
+
+def run_paste(device: str, masks, boxes, image_size, **kw):
+    backend = "torch" if device == "ref" else "triton"
+    return paste_masks(masks, boxes, image_size, backend=backend, **kw)
+
+
+PASTE_DEVICES = ["ref"] + TRITON_DEVICES  # "ref": the reference on the CPU; else the kernel on that device
+
+
+# --------------------------------------------------------------------------- parity with torchvision
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_float_matches_torchvision(where):
+    h, w, n = 40, 56, 20
+    dev = "cpu" if where == "ref" else where
+    masks, boxes = random_masks(n, 28, 0), mixed_boxes(n, h, w, 0)
+    expected = torchvision_paste(masks, boxes, (h, w))
+    out = run_paste(where, masks.to(dev), boxes.to(dev), (h, w))
+    assert_close_verbose(out.cpu(), expected, FLOAT_ATOL, 0.0, f"paste_masks[{where}] vs torchvision")
+    assert (expected.flatten(1).amax(1) > 0).sum() >= n // 2, "most masks must paste something"
+    assert_agreement(out.cpu() > 0.5, expected > 0.5, "thresholded at 0.5")
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_threshold_returns_bool(where):
+    h, w, n = 40, 56, 20
+    dev = "cpu" if where == "ref" else where
+    masks, boxes = random_masks(n, 28, 1), mixed_boxes(n, h, w, 1)
+    expected = torchvision_paste(masks, boxes, (h, w))
+    out = run_paste(where, masks.to(dev), boxes.to(dev), (h, w), threshold=0.5).cpu()
+    assert out.dtype == torch.bool and out.shape == (n, 1, h, w)
+    assert_agreement(out, expected > 0.5, f"bool paste[{where}] vs torchvision")
+    # Against the same computation in float, only pixels within rounding of the threshold may differ.
+    ref = paste_masks_ref(masks, boxes, (h, w))
+    differ = out != (ref > 0.5)
+    assert ((ref[differ] - 0.5).abs() < 1e-6).all(), f"{int(differ.sum())} pixels differ away from the threshold"
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits(where, dtype):
+    """fp16/bf16 logits: computed in fp32, rounded once to the masks' dtype."""
+    h, w, n = 40, 56, 12
+    dev = "cpu" if where == "ref" else where
+    masks, boxes = random_masks(n, 28, 2, dtype=dtype, logits=True), mixed_boxes(n, h, w, 2)
+    expected = torchvision_paste(masks.float(), boxes, (h, w))
+    out = run_paste(where, masks.to(dev), boxes.to(dev), (h, w)).cpu()
+    assert_close_verbose(out, expected.to(dtype), *TOL[dtype], f"paste_masks[{where}] {dtype}")
+    out_b = run_paste(where, masks.to(dev), boxes.to(dev), (h, w), threshold=0.0).cpu()
+    assert_agreement(out_b, expected > 0.0, f"{dtype} logits thresholded at 0")
+
+
+def test_reference_fp64_and_box_dtypes():
+    h, w, n = 40, 56, 18
+    masks, boxes = random_masks(n, 28, 3, dtype=torch.float64), mixed_boxes(n, h, w, 3, dtype=torch.float64)
+    assert_close_verbose(paste_masks_ref(masks, boxes, (h, w)), torchvision_paste(masks, boxes, (h, w)),
+                         *TOL[torch.float64], "fp64 reference")
+    m32 = masks.float()
+    for bdt in (torch.float16, torch.bfloat16, torch.float64):
+        b = mixed_boxes(n, h, w, 3, dtype=bdt)
+        assert_close_verbose(paste_masks_ref(m32, b, (h, w)), torchvision_paste(m32, b, (h, w)),
+                             FLOAT_ATOL, 0.0, f"reference, {bdt} boxes")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("box_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_kernel_box_dtypes(device, box_dtype):
+    """The kernel expands boxes in their own dtype, as torchvision does."""
+    h, w, n = 40, 56, 12
+    masks, boxes = random_masks(n, 28, 4), mixed_boxes(n, h, w, 4, dtype=box_dtype)
+    expected = torchvision_paste(masks, boxes, (h, w))
+    out = paste_masks(masks.to(device), boxes.to(device), (h, w), backend="triton").cpu()
+    assert_close_verbose(out, expected, FLOAT_ATOL, 0.0, f"kernel, {box_dtype} boxes")
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_box_expansion_exact(where):
+    """Ones masks without padding paste exactly their integer window: each edge must be torchvision's.
+
+    Integer and half-integer box edges make the truncated expansion sensitive to every rounding.
+    """
+    h, w, n = 24, 40, 32
+    dev = "cpu" if where == "ref" else where
+    g = torch.Generator().manual_seed(5)
+    lo = torch.randint(-3, 30, (n, 2), generator=g).float() + torch.randint(0, 2, (n, 2), generator=g) * 0.5
+    size = torch.rand(n, 2, generator=g) * 12
+    boxes = torch.cat([lo, lo + size], dim=1)
+    masks = torch.ones(n, 1, 7, 7)
+    b = expand_boxes(boxes, 1.0).to(torch.int64)  # torchvision's expansion for padding 0
+    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    expected = ((ys >= b[:, 1, None, None]) & (ys <= b[:, 3, None, None])
+                & (xs >= b[:, 0, None, None]) & (xs <= b[:, 2, None, None]))[:, None]
+    out = run_paste(where, masks.to(dev), boxes.to(dev), (h, w), padding=0, threshold=0.5).cpu()
+    bad = (out != expected).flatten(1).any(1).nonzero()[:, 0]
+    assert len(bad) == 0, f"windows differ for boxes {boxes[bad[:4]].tolist()} (torchvision ints {b[bad[:4]].tolist()})"
+
+
+# --------------------------------------------------------------------------- every pixel written
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("tile, threshold", [((16, 32), 0.5), ((64, 64), -0.25)])
+def test_kernel_writes_every_pixel(device, tile, threshold):
+    """Outputs poisoned before the launch (NaN / byte 7): every pixel must equal the reference.
+
+    Several tiles per mask (some wholly outside the box) or one; a negative threshold makes the
+    pixels outside the box True (``0 > threshold``).
+    """
+    h, w, n = 40, 56, 6
+    masks, boxes = random_masks(n, 28, 6, logits=True), mixed_boxes(n, h, w, 6)
+    ref = paste_masks_ref(masks, boxes, (h, w))[:, 0]
+    m, b = masks[:, 0].to(device), boxes.to(device)
+    out = torch.full((n, h, w), float("nan"), device=device)
+    paste_masks_fwd(m, b, (h, w), out=out, block_h=tile[0], block_w=tile[1])
+    assert_close_verbose(out.cpu(), ref, 1e-4, 1e-5, f"float, tile {tile}")
+    out_b = torch.zeros((n, h, w), dtype=torch.bool, device=device)
+    out_b.view(torch.uint8).fill_(7)
+    paste_masks_fwd(m, b, (h, w), threshold=threshold, out=out_b, block_h=tile[0], block_w=tile[1])
+    expected = (ref > threshold).to(torch.uint8)
+    assert torch.equal(out_b.view(torch.uint8).cpu(), expected), f"bool, tile {tile}, threshold {threshold}"
+    assert 0 < expected.float().mean() < 1
+
+
+# --------------------------------------------------------------------------- box-local output
+
+
+def assert_local_is_crop(local: BoxMasks, full: torch.Tensor, image_size) -> None:
+    """Each slab equals the full mask inside its window; the rest of the slab and image are 0."""
+    h, w = image_size
+    n = full.shape[0]
+    assert local.windows.dtype == torch.int64 and local.windows.shape == (n, 4)
+    for i in range(n):  # per-mask checks, in the test only
+        x0, y0, x1, y1 = local.windows[i].tolist()
+        slab = local.masks[i]
+        assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h, f"mask {i}: window {(x0, y0, x1, y1)} outside the image"
+        assert torch.equal(slab[: y1 - y0, : x1 - x0], full[i, 0, y0:y1, x0:x1]), f"mask {i}: slab is not the crop"
+        assert not slab[y1 - y0:].any() and not slab[:, x1 - x0:].any(), f"mask {i}: slab not zero beyond its window"
+        rest = full[i, 0].clone()
+        rest[y0:y1, x0:x1] = 0
+        assert not rest.any(), f"mask {i}: full mask is non-zero outside the window"
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_box_local_equals_crop(where, threshold):
+    h, w, n = 40, 56, 12
+    dev = "cpu" if where == "ref" else where
+    backend = "torch" if where == "ref" else "triton"
+    masks, boxes = random_masks(n, 28, 7), mixed_boxes(n, h, w, 7)
+    full = paste_masks_ref(masks, boxes, (h, w), threshold=threshold)
+    local = paste_masks_in_boxes(masks.to(dev), boxes.to(dev), threshold=threshold, image_size=(h, w), backend=backend)
+    local = BoxMasks(local.masks.cpu(), local.windows.cpu())
+    sizes = local.windows[:, 2:] - local.windows[:, :2]
+    assert local.masks.shape == (n, int(sizes[:, 1].max()), int(sizes[:, 0].max()))
+    assert local.masks.dtype == (torch.bool if threshold is not None else masks.dtype)
+    if threshold is None and where != "ref":  # the kernel's slabs vs the reference's slabs: rounding only
+        ref_local = paste_masks_in_boxes_ref(masks, boxes, image_size=(h, w))
+        assert torch.equal(local.windows, ref_local.windows)
+        assert_close_verbose(local.masks, ref_local.masks, FLOAT_ATOL, 0.0, "box-local kernel vs reference")
+        local = ref_local._replace(masks=local.masks)
+        full = paste_masks(masks.to(dev), boxes.to(dev), (h, w), backend=backend).cpu()
+    assert_local_is_crop(local, full, (h, w))
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_box_local_unclipped(where):
+    """Without image_size each slab is the whole expanded box: torchvision's resized padded mask."""
+    n = 8
+    dev = "cpu" if where == "ref" else where
+    backend = "torch" if where == "ref" else "triton"
+    masks, boxes = random_masks(n, 28, 8), mixed_boxes(n, 40, 56, 8)
+    local = paste_masks_in_boxes(masks.to(dev), boxes.to(dev), image_size=None, backend=backend)
+    windows, slabs = local.windows.cpu(), local.masks.cpu()
+    b = expand_boxes(boxes, 30.0 / 28.0).to(torch.int64)
+    assert torch.equal(windows, torch.cat([b[:, :2], b[:, 2:] + 1], dim=1)), "windows must be the expanded boxes"
+    for i in range(n):
+        hh, ww = int(b[i, 3] - b[i, 1] + 1), int(b[i, 2] - b[i, 0] + 1)
+        resized = F.interpolate(F.pad(masks[i:i + 1], (1, 1, 1, 1)), size=(hh, ww), mode="bilinear",
+                                align_corners=False)[0, 0]
+        assert_close_verbose(slabs[i, :hh, :ww], resized, FLOAT_ATOL, 0.0, f"slab {i}")
+        assert not slabs[i, hh:].any() and not slabs[i, :, ww:].any(), f"slab {i}: not zero beyond its window"
+
+
+# --------------------------------------------------------------------------- edge cases and inputs
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_empty_and_single(where):
+    dev = "cpu" if where == "ref" else where
+    backend = "torch" if where == "ref" else "triton"
+    empty = paste_masks(torch.zeros(0, 1, 28, 28, device=dev), torch.zeros(0, 4, device=dev), (30, 20), backend=backend)
+    assert empty.shape == (0, 1, 30, 20) and empty.dtype == torch.float32
+    empty_b = paste_masks(torch.zeros(0, 1, 28, 28, dtype=torch.float16, device=dev), torch.zeros(0, 4, device=dev),
+                          (30, 20), threshold=0.5, backend=backend)
+    assert empty_b.shape == (0, 1, 30, 20) and empty_b.dtype == torch.bool
+    local = paste_masks_in_boxes(torch.zeros(0, 28, 28, device=dev), torch.zeros(0, 4, device=dev), backend=backend)
+    assert local.masks.shape == (0, 0, 0) and local.windows.shape == (0, 4)
+
+    masks, boxes = random_masks(1, 28, 9), torch.tensor([[3.2, 4.7, 30.1, 22.9]])
+    out = run_paste(where, masks.to(dev), boxes.to(dev), (33, 45)).cpu()
+    assert_close_verbose(out, torchvision_paste(masks, boxes, (33, 45)), FLOAT_ATOL, 0.0, "N=1")
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_wholly_outside_is_zero(where):
+    dev = "cpu" if where == "ref" else where
+    boxes = torch.tensor([[60.0, 5, 80, 20], [-30.0, 5, -12, 20], [5.0, -40, 20, -15], [5.0, 45, 20, 70]])
+    masks = torch.ones(4, 1, 28, 28)
+    out = run_paste(where, masks.to(dev), boxes.to(dev), (40, 56))
+    out_b = run_paste(where, masks.to(dev), boxes.to(dev), (40, 56), threshold=0.5)
+    assert not out.any() and not out_b.any()
+    local = paste_masks_in_boxes(masks.to(dev), boxes.to(dev), image_size=(40, 56),
+                                 backend="torch" if where == "ref" else "triton")
+    assert (local.windows[:, 2:] == local.windows[:, :2]).any(1).all(), "windows must be empty"
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_layouts_and_shapes(where):
+    """[N, M, M] input, non-contiguous masks and boxes, non-square masks, padding 0 and 2."""
+    h, w, n = 40, 56, 8
+    dev = "cpu" if where == "ref" else where
+    masks, boxes = random_masks(n, 28, 10), mixed_boxes(n, h, w, 10)
+    expected = torchvision_paste(masks, boxes, (h, w))
+    m_t = masks.to(dev).transpose(-1, -2).contiguous().transpose(-1, -2)[:, 0]  # [N, M, M], column-major
+    b_t = boxes.to(dev).t().contiguous().t()
+    assert not m_t.is_contiguous() and not b_t.is_contiguous()
+    out = run_paste(where, m_t, b_t, (h, w)).cpu()
+    assert_close_verbose(out, expected, FLOAT_ATOL, 0.0, "non-contiguous [N, M, M] masks")
+    rect = random_masks(n, 14, 10, mh=20)
+    for padding in (0, 2):
+        out = run_paste(where, rect.to(dev), boxes.to(dev), (h, w), padding=padding).cpu()
+        assert_close_verbose(out, torchvision_paste(rect, boxes, (h, w), padding), FLOAT_ATOL, 0.0,
+                             f"[N, 1, 20, 14] masks, padding {padding}")
+
+
+@pytest.mark.parametrize("where", PASTE_DEVICES)
+def test_inputs_not_modified(where):
+    dev = "cpu" if where == "ref" else where
+    masks, boxes = random_masks(6, 28, 11).to(dev), mixed_boxes(6, 40, 56, 11).to(dev)
+    m0, b0 = masks.clone(), boxes.clone()
+    run_paste(where, masks, boxes, (40, 56), threshold=0.5)
+    paste_masks_in_boxes(masks, boxes, image_size=(40, 56), backend="torch" if where == "ref" else "triton")
+    assert torch.equal(masks, m0) and torch.equal(boxes, b0)
+
+
+def test_bad_inputs_raise():
+    m, b = torch.rand(3, 1, 28, 28), mixed_boxes(3, 40, 56, 12)
+    cases = [
+        (ValueError, "masks", dict(masks=torch.rand(3, 28 * 28))),
+        (ValueError, "masks", dict(masks=torch.rand(3, 2, 28, 28))),
+        (ValueError, "masks", dict(masks=torch.rand(3, 1, 0, 28))),
+        (TypeError, "masks", dict(masks=(m > 0.5))),
+        (TypeError, "masks", dict(masks=m.numpy())),
+        (ValueError, "boxes", dict(boxes=b[:, :3])),
+        (ValueError, "boxes", dict(boxes=b[:2])),
+        (ValueError, "boxes", dict(boxes=torch.tensor([[0.0, 0, float("nan"), 4]] * 3))),
+        (TypeError, "boxes", dict(boxes=b.long())),
+        (ValueError, "boxes", dict(boxes=b.to("meta"))),
+        (ValueError, "image_size", dict(image_size=(0, 56))),
+        (ValueError, "image_size", dict(image_size=(40.0, 56))),
+        (ValueError, "image_size", dict(image_size=(40, 56, 3))),
+        (ValueError, "image_size", dict(image_size=40)),
+        (ValueError, "padding", dict(padding=-1)),
+        (TypeError, "threshold", dict(threshold="0.5")),
+        (TypeError, "threshold", dict(threshold=torch.tensor(0.5))),
+        (ValueError, "threshold", dict(threshold=float("nan"))),
+        (ValueError, "backend", dict(backend="cuda")),
+    ]
+    for exc, word, kw in cases:
+        args = dict(masks=m, boxes=b, image_size=(40, 56))
+        args.update(kw)
+        with pytest.raises(exc, match=word):
+            paste_masks(**args)
+    with pytest.raises(RuntimeError, match="float64"):
+        paste_masks(m.double(), b, (40, 56), backend="triton")
+    with pytest.raises(ValueError, match="image_size"):
+        paste_masks_in_boxes(m, b, image_size=(40, -1))
+
+
+# --------------------------------------------------------------------------- CUDA, realistic sizes
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_full_size(dtype):
+    h, w, n = 800, 1333, 100
+    masks = random_masks(n, 28, 20, dtype=dtype)
+    boxes = mixed_boxes(n, h, w, 20)
+    expected = torchvision_paste(masks.cuda().float(), boxes.cuda(), (h, w))
+    out = paste_masks(masks.cuda(), boxes.cuda(), (h, w))
+    atol, rtol = (FLOAT_ATOL, 0.0) if dtype == torch.float32 else TOL[dtype]
+    assert_close_verbose(out, expected.to(dtype), atol, rtol, f"800x1333, {dtype}")
+    out_b = torch.zeros((n, h, w), dtype=torch.bool, device="cuda")
+    out_b.view(torch.uint8).fill_(7)
+    paste_masks_fwd(masks.cuda()[:, 0], boxes.cuda(), (h, w), threshold=0.5, out=out_b)
+    assert out_b.view(torch.uint8).max() <= 1, "unwritten bool pixels"
+    assert_agreement(out_b[:, None], expected > 0.5, "800x1333 bool")
+    full = paste_masks_ref(masks.cuda(), boxes.cuda(), (h, w), threshold=0.5)
+    assert_local_is_crop(paste_masks_in_boxes(masks.cuda(), boxes.cuda(), threshold=0.5, image_size=(h, w)),
+                         full, (h, w))
+
+
+@requires_cuda
+def test_cuda_many_masks():
+    h, w, n = 96, 128, 1000
+    masks, boxes = random_masks(n, 28, 21, logits=True), mixed_boxes(n, h, w, 21)
+    expected = torchvision_paste(masks.cuda(), boxes.cuda(), (h, w))
+    out = torch.full((n, h, w), float("nan"), device="cuda")
+    paste_masks_fwd(masks.cuda()[:, 0], boxes.cuda(), (h, w), out=out)
+    assert_close_verbose(out[:, None], expected, 1e-4, 1e-5, "N=1000 logits")
+    assert_agreement(paste_masks(masks.cuda(), boxes.cuda(), (h, w), threshold=0.0), expected > 0, "N=1000 bool")

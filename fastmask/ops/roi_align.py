@@ -230,7 +230,8 @@ def _check_features(name: str, feats: Sequence[Tensor]) -> None:
 
 
 def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False, *, backend: str | None = None) -> Tensor:
+              sampling_ratio: int = -1, aligned: bool = False, *, backend: str | None = None,
+              deterministic: bool | None = None) -> Tensor:
     """RoI Align, the same result as ``torchvision.ops.roi_align``.
 
     Args:
@@ -241,8 +242,11 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
         sampling_ratio: samples per bin and axis; <= 0 picks ``ceil(roi_size / output_size)``.
         aligned: shift boxes by half a cell so that pixel edges line up (see module docs).
         backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``).
+        deterministic: Triton backend only: a bitwise reproducible backward (no float atomics,
+            slower); None follows ``torch.are_deterministic_algorithms_enabled()``.
 
-    Returns Tensor[K, C, PH, PW] in ``input``'s dtype; differentiable w.r.t. ``input``.
+    Returns Tensor[K, C, PH, PW] in ``input``'s dtype (the Triton backend returns it
+    channels-last when ``input`` is); differentiable w.r.t. ``input``.
     """
     _check_features("input", [input])
     rois = boxes_to_rois(boxes)
@@ -252,14 +256,15 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
         raise ValueError("input has batch size 0 but boxes is not empty")
     if resolve_backend(backend, input, "roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
         from ._roi_align_triton import roi_align_triton
-        return roi_align_triton([input], rois, out_hw, [spatial_scale], sampling_ratio, aligned, levels=None)
+        return roi_align_triton([input], rois, out_hw, [spatial_scale], sampling_ratio, aligned,
+                                deterministic=deterministic)
     return roi_align_ref(input, rois, out_hw, spatial_scale, sampling_ratio, aligned)
 
 
 def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], output_size,
                          image_sizes: Sequence[Sequence[int]], sampling_ratio: int = 2,
                          canonical_scale: float = 224, canonical_level: int = 4, *,
-                         backend: str | None = None) -> Tensor:
+                         backend: str | None = None, deterministic: bool | None = None) -> Tensor:
     """Multi-level RoI Align over FPN levels, the same result as torchvision's ``MultiScaleRoIAlign``.
 
     Args:
@@ -269,6 +274,7 @@ def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], ou
         image_sizes: the (h, w) of each image; the level scales are inferred from them as
             torchvision does.
         sampling_ratio, canonical_scale, canonical_level: see ``MultiScaleRoIAlign``.
+        deterministic: as for :func:`roi_align`.
 
     Returns Tensor[sum Ki, C, PH, PW], differentiable w.r.t. every level. The Triton backend
     runs all levels in one launch.
@@ -289,8 +295,9 @@ def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], ou
     if resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
         from ._roi_align_triton import roi_align_triton
         k_min, k_max = level_range(scales)
-        levels = map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
-        return roi_align_triton(list(features), rois, out_hw, scales, sampling_ratio, False, levels=levels)
+        return roi_align_triton(list(features), rois, out_hw, scales, sampling_ratio, False,
+                                canonical_scale=canonical_scale, canonical_level=canonical_level, k_min=k_min,
+                                k_max=k_max, deterministic=deterministic)
     return multiscale_roi_align_ref(features, rois, out_hw, scales, sampling_ratio, canonical_scale, canonical_level)
 
 
@@ -302,7 +309,8 @@ class MultiScaleRoIAlign(nn.Module):
     """
 
     def __init__(self, featmap_names: Sequence[str], output_size, sampling_ratio: int, *,
-                 canonical_scale: float = 224, canonical_level: int = 4, backend: str | None = None):
+                 canonical_scale: float = 224, canonical_level: int = 4, backend: str | None = None,
+                 deterministic: bool | None = None):
         super().__init__()
         if isinstance(featmap_names, str) or not featmap_names:
             raise ValueError("featmap_names must be a non-empty list of feature map names")
@@ -312,6 +320,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
         self.backend = backend
+        self.deterministic = deterministic
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         missing = [name for name in self.featmap_names if name not in x]
@@ -319,7 +328,8 @@ class MultiScaleRoIAlign(nn.Module):
             raise ValueError(f"features has no map named {missing}; it has {list(x)}")
         feats = [x[name] for name in self.featmap_names]
         return multiscale_roi_align(feats, boxes, self.output_size, image_shapes, self.sampling_ratio,
-                                    self.canonical_scale, self.canonical_level, backend=self.backend)
+                                    self.canonical_scale, self.canonical_level, backend=self.backend,
+                                    deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
         return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"

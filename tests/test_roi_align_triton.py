@@ -1,0 +1,412 @@
+"""Triton RoI Align (forward, atomic backward, deterministic backward) against torchvision and the reference.
+
+On a machine without a GPU the kernels run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so sizes here are small; the tests marked cuda use realistic sizes.
+"""
+
+import math
+
+import pytest
+import torch
+import torchvision
+from helpers import TOL, TRITON_DEVICES, assert_close_verbose, random_boxes, requires_cuda
+
+from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
+from fastmask.ops.roi_align import boxes_to_rois, infer_scales, level_range, map_levels, multiscale_roi_align_ref
+
+pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="no device can run the Triton kernels")
+
+LAYOUTS = ["nchw", "channels_last"]
+IMAGE_HW = (96, 136)  # P2..P5: 24x34, 12x17, 6x9, 3x5 (odd sizes)
+IMAGE_SIZES = [(90, 136), (96, 121)]
+
+
+def to_layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "permuted":  # same values, H and W strides swapped: neither NCHW nor channels-last
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    return x.contiguous()
+
+
+def leaf(t, device, requires_grad=True):
+    """A fresh leaf copy of ``t`` on ``device`` (never an alias of ``t``)."""
+    return t.detach().clone().to(device).requires_grad_(requires_grad)
+
+
+def make_rois(n_images, k, max_coord, seed, device="cpu"):
+    """Tensor[K, 5] of random boxes, some starting or lying outside the image."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(k, max_coord, generator=g, dtype=torch.float64) - max_coord * 0.2
+    idx = torch.randint(0, n_images, (k, 1), generator=g).double()
+    return torch.cat([idx, boxes], dim=1).float().to(device)
+
+
+def make_pyramid(n, c, levels, layout="nchw", dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    h, w = IMAGE_HW
+    feats = [torch.randn(n, c, math.ceil(h / s), math.ceil(w / s), generator=g) for s in (4, 8, 16, 32)[:levels]]
+    return [to_layout(f.to(dtype=dtype, device=device), layout) for f in feats]
+
+
+def pyramid_boxes(k, image_hw, seed, device="cpu"):
+    """Boxes whose sizes spread over every level, some partly outside the image, plus boxes
+    whose sqrt(area) is exactly 224 * 2**j (on the boundary between two levels)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    side = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(math.log(6), math.log(400), generator=g))
+    aspect = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(-0.7, 0.7, generator=g))
+    bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
+    x1 = torch.rand(k, generator=g, dtype=torch.float64) * w - bw / 4
+    y1 = torch.rand(k, generator=g, dtype=torch.float64) * h - bh / 4
+    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    edge = torch.tensor([[5.0, 7.0, 5.0 + 224 * 2.0 ** j, 7.0 + 224 * 2.0 ** j] for j in (-2, -1, 0, 1)]
+                        + [[3.0, 2.0, 3.0 + 112.0, 2.0 + 448.0]], dtype=torch.float64)
+    return torch.cat([boxes, edge]).float().to(device)
+
+
+def tv_multiscale(feats, boxes, output_size, sampling_ratio, image_sizes=IMAGE_SIZES):
+    names = [f"p{i}" for i in range(len(feats))]
+    pooler = torchvision.ops.MultiScaleRoIAlign(names, output_size, sampling_ratio)
+    return pooler(dict(zip(names, feats)), boxes, image_sizes)
+
+
+def ref_grads(feats, boxes, output_size, sampling_ratio, grad, image_sizes=IMAGE_SIZES):
+    """Gradients of the fp32 reference (through autograd) w.r.t. every level."""
+    leaves = [f.detach().float().requires_grad_() for f in feats]
+    scales = infer_scales([f.shape[-2:] for f in feats], image_sizes)
+    out = multiscale_roi_align_ref(leaves, boxes_to_rois(boxes), output_size, scales, sampling_ratio)
+    out.backward(grad.float())
+    return [f.grad for f in leaves]
+
+
+# --------------------------------------------------------------------------- single level
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS + ["permuted"])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roi_align_forward_matches_torchvision(device, layout, aligned, sampling_ratio):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 13, 17, generator=g)
+    rois = make_rois(2, 14, 60.0, seed=2)
+    out_size, scale = ((7, 7), 0.25) if aligned else ((3, 5), 0.5)
+    expected = torchvision.ops.roi_align(x, rois, out_size, scale, sampling_ratio, aligned)
+    xd = to_layout(x.to(device), layout)
+    got = roi_align(xd, rois.to(device), out_size, scale, sampling_ratio, aligned, backend="triton")
+    assert_close_verbose(got.cpu(), expected, *TOL[torch.float32], what=f"{layout} out={out_size}")
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_roi_align_edge_rois(device, layout):
+    x = torch.randn(2, 5, 8, 9)
+    rois = torch.tensor([
+        [0, -20, -20, -10, -10],   # wholly outside (top-left)
+        [1, 30, 30, 50, 50],       # wholly outside (bottom-right)
+        [0, 3, 3, 3, 3],           # a point
+        [1, 5, 2, 4, 6],           # x2 < x1
+        [0, -3, -3, 12, 11],       # covers and exceeds the map
+        [1, 7.9, 6.9, 8.6, 7.2],   # on the last row and column
+        [0, -1.0, -1.0, 0.5, 0.5], # samples between -1 and 0
+    ])
+    xd = to_layout(x.to(device), layout)
+    for aligned in (False, True):
+        for sr in (-1, 3):
+            expected = torchvision.ops.roi_align(x, rois, (4, 5), 1.0, sr, aligned)
+            got = roi_align(xd, rois.to(device), (4, 5), 1.0, sr, aligned, backend="triton")
+            assert_close_verbose(got.cpu(), expected, *TOL[torch.float32], what=f"aligned={aligned} sr={sr}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_roi_align_backward_matches_torchvision(device, deterministic):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 11, 14, generator=g)
+    rois = make_rois(2, 13, 48.0, seed=4)
+    grad = torch.randn(13, 6, 4, 3, generator=g)
+    for aligned, sr in ((True, -1), (False, 2)):
+        x1 = leaf(x, "cpu")
+        torchvision.ops.roi_align(x1, rois, (4, 3), 0.4, sr, aligned).backward(grad)
+        x2 = leaf(x, device)
+        roi_align(x2, rois.to(device), (4, 3), 0.4, sr, aligned, backend="triton",
+                  deterministic=deterministic).backward(grad.to(device))
+        assert_close_verbose(x2.grad.cpu(), x1.grad, *TOL[torch.float32], what=f"aligned={aligned} sr={sr}")
+
+
+# --------------------------------------------------------------------------- multi-level
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_multiscale_forward_matches_torchvision(device, levels, layout):
+    feats = make_pyramid(2, 12, levels, seed=levels)
+    boxes = [pyramid_boxes(9, IMAGE_SIZES[0], 1), pyramid_boxes(5, IMAGE_SIZES[1], 2)]  # 24 RoIs
+    # 7x7 (box head) always, plus a mask-head size or a non-square one with adaptive sampling.
+    extra = [(14, 2), ((4, 6), 1), (14, 2), ((6, 9), -1)][levels - 1]
+    feats_d = [to_layout(f.to(device), layout) for f in feats]
+    boxes_d = [b.to(device) for b in boxes]
+    for out_size, sr in [(7, 2), extra]:
+        expected = tv_multiscale(feats, boxes, out_size, sr)
+        got = multiscale_roi_align(feats_d, boxes_d, out_size, IMAGE_SIZES, sr, backend="triton")
+        assert_close_verbose(got.cpu(), expected, *TOL[torch.float32], what=f"out={out_size} sr={sr}")
+    if levels == 4:
+        names = [f"p{i}" for i in range(levels)]
+        module = MultiScaleRoIAlign(names, 7, 2, backend="triton")
+        assert_close_verbose(module(dict(zip(names, feats_d)), boxes_d, IMAGE_SIZES).cpu(),
+                             tv_multiscale(feats, boxes, 7, 2), *TOL[torch.float32], what="module")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("levels,layout,deterministic", [
+    (4, "channels_last", False), (4, "nchw", True), (2, "nchw", False)])
+def test_multiscale_backward_matches_torchvision(device, levels, layout, deterministic):
+    feats = make_pyramid(2, 12, levels, seed=5)
+    boxes = [pyramid_boxes(8, IMAGE_SIZES[0], 6), pyramid_boxes(5, IMAGE_SIZES[1], 7)]
+    grad = torch.randn(sum(len(b) for b in boxes), 12, 7, 7, generator=torch.Generator().manual_seed(8))
+    f1 = [leaf(f, "cpu") for f in feats]
+    tv_multiscale(f1, boxes, 7, 2).backward(grad)
+    f2 = [leaf(to_layout(f.to(device), layout), device) for f in feats]
+    out = multiscale_roi_align(f2, [b.to(device) for b in boxes], 7, IMAGE_SIZES, 2, backend="triton",
+                               deterministic=deterministic)
+    out.backward(grad.to(device))
+    for i, (a, b) in enumerate(zip(f2, f1)):
+        assert_close_verbose(a.grad.cpu(), b.grad, *TOL[torch.float32], what=f"level {i}")
+        assert a.grad.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                    else torch.contiguous_format)
+    assert all(float(b.grad.abs().sum()) > 0 for b in f1)  # every level received gradient
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_multiscale_low_precision(device, dtype, layout):
+    """fp16/bf16 accumulate in fp32: compared with the fp32 reference on the same rounded inputs."""
+    feats = make_pyramid(2, 12, 4, layout, dtype=dtype, seed=9, device=device)
+    boxes = [pyramid_boxes(7, IMAGE_SIZES[0], 10, device), pyramid_boxes(4, IMAGE_SIZES[1], 11, device)]
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    leaves = [f.detach().requires_grad_() for f in feats]
+    got = multiscale_roi_align(leaves, boxes, 7, IMAGE_SIZES, 2, backend="triton")
+    assert got.dtype == dtype
+    expected = multiscale_roi_align_ref([f.float() for f in feats], boxes_to_rois(boxes), 7, scales, 2)
+    assert_close_verbose(got.float(), expected.to(dtype).float(), *TOL[dtype], what="forward")
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(12)).to(device=device, dtype=dtype)
+    got.backward(grad)
+    for i, (leaf, ref) in enumerate(zip(leaves, ref_grads(feats, boxes, 7, 2, grad))):
+        assert leaf.grad.dtype == dtype
+        assert_close_verbose(leaf.grad.float(), ref.to(dtype).float(), *TOL[dtype], what=f"grad level {i}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_level_chosen_in_kernel_matches_level_mapper(device):
+    """Five levels whose features are constant (10 * image + level): the pooled value of a box
+    wholly inside the image says which level and image the kernel read."""
+    n, c, image = 2, 3, 1024
+    sizes = [(image // s, image // s) for s in (4, 8, 16, 32, 64)]  # levels k = 2..6, all five kernel slots
+    feats = [torch.stack([torch.full((c, h, w), 10.0 * i + lvl) for i in range(n)]).to(device)
+             for lvl, (h, w) in enumerate(sizes)]
+    # sqrt(area) on both sides of and exactly on the boundaries 112, 224, 448 (square and not)
+    side = torch.tensor([10.0, 111.99, 112.0, 112.01, 223.98, 224.0, 447.9, 448.0, 600.0, 1000.0])
+    boxes = torch.stack([torch.ones_like(side), torch.ones_like(side), 1.0 + side, 1.0 + side], 1)
+    boxes = torch.cat([boxes, torch.tensor([[2.0, 3.0, 114.0, 451.0], [3.0, 2.0, 451.0, 114.0]])])
+    boxes = [boxes[:6].to(device), boxes[6:].to(device)]
+    got = multiscale_roi_align(feats, boxes, 2, [(image, image)] * 2, 2, backend="triton")
+    rois = boxes_to_rois([b.cpu() for b in boxes])
+    k_min, k_max = level_range(infer_scales(sizes, [(image, image)]))
+    assert (k_min, k_max) == (2, 6)
+    expected = 10.0 * rois[:, 0] + map_levels(rois[:, 1:], k_min, k_max).float()
+    assert set(map_levels(rois[:, 1:], k_min, k_max).tolist()) == {0, 1, 2, 3, 4}  # every level is used
+    assert_close_verbose(got.cpu()[:, 0, 0, 0], expected, 1e-4, 0, what="10 * image + level")
+
+
+# --------------------------------------------------------------------------- deterministic mode
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    feats = make_pyramid(2, 12, 2, "channels_last", seed=13, device=device)
+    boxes = [pyramid_boxes(4, IMAGE_SIZES[0], 14, device), pyramid_boxes(3, IMAGE_SIZES[1], 15, device)]
+    grad = torch.randn(sum(len(b) for b in boxes), 12, 7, 7, generator=torch.Generator().manual_seed(16)).to(device)
+    runs = []
+    previous = torch.are_deterministic_algorithms_enabled()
+    for use_global_flag in (True, False):
+        leaves = [f.detach().requires_grad_() for f in feats]
+        if use_global_flag:  # deterministic=None follows torch.use_deterministic_algorithms
+            torch.use_deterministic_algorithms(True)
+            try:
+                out = multiscale_roi_align(leaves, boxes, 7, IMAGE_SIZES, 2, backend="triton")
+            finally:
+                torch.use_deterministic_algorithms(previous)
+        else:
+            out = multiscale_roi_align(leaves, boxes, 7, IMAGE_SIZES, 2, backend="triton", deterministic=True)
+        out.backward(grad)
+        runs.append([f.grad for f in leaves])
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"level {i}: deterministic gradients differ between runs"
+    for i, (a, ref) in enumerate(zip(runs[0], ref_grads(feats, boxes, 7, 2, grad))):
+        assert_close_verbose(a, ref, *TOL[torch.float32], what=f"level {i}")
+
+
+# --------------------------------------------------------------------------- kernels written in full
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_output_written(device, layout):
+    """Outputs pre-filled with NaN, with the block shapes the GPU uses (one RoI per program;
+    channels-last: one bin per program) and with several channel blocks and a partial one."""
+    from kernels.roi_align import roi_align_bwd, roi_align_fwd
+
+    feats = make_pyramid(2, 12, 2, layout, seed=17, device=device)
+    boxes = [pyramid_boxes(1, IMAGE_SIZES[0], 18, device)[[0, 2]], pyramid_boxes(1, IMAGE_SIZES[1], 19, device)[[0]]]
+    rois = boxes_to_rois(boxes).float().contiguous()
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    k_min, k_max = level_range(scales)
+    out_size = (2, 2)
+    expected = tv_multiscale([f.cpu() for f in feats], [b.cpu() for b in boxes], out_size, 2)
+    block_p, block_c = (1, None) if layout == "channels_last" else (None, 8)  # NCHW: 2 channel blocks
+    for block_r, block_c in ((1, block_c), (None, None)):
+        out = torch.full((rois.shape[0], 12, *out_size), float("nan"), device=device)
+        roi_align_fwd(feats, rois, out_size, scales, 2, False, k_min=k_min, k_max=k_max, out=out,
+                      block_r=block_r, block_p=block_p, block_c=block_c)
+        assert_close_verbose(out.cpu(), expected, *TOL[torch.float32], what=f"forward block_r={block_r}")
+    # The deterministic backward writes every element of its buffer (zeros where no RoI reaches).
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(20)).to(device)
+    shapes = [tuple(f.shape) for f in feats]
+    cl = [layout == "channels_last"] * len(feats)
+    total = sum(math.prod(s) for s in shapes)
+    ref = roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max)
+    for block_r in (1, None):
+        buf = torch.full((total,), float("nan"), device=device)
+        got = roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max,
+                            deterministic=True, out=buf, block_r=block_r)
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert_close_verbose(a.cpu(), b.cpu(), *TOL[torch.float32], what=f"det block_r={block_r} level {i}")
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_zero_rois(device, deterministic):
+    feats = [f.requires_grad_() for f in make_pyramid(2, 4, 4, device=device)]
+    out = multiscale_roi_align(feats, [torch.zeros(0, 4, device=device)] * 2, 7, IMAGE_SIZES, 2,
+                               backend="triton", deterministic=deterministic)
+    assert out.shape == (0, 4, 7, 7)
+    out.sum().backward()
+    assert all(torch.equal(f.grad, torch.zeros_like(f)) for f in feats)
+    x = torch.randn(1, 3, 5, 5, device=device)
+    assert roi_align(x, torch.zeros(0, 5, device=device), (2, 4), backend="triton").shape == (0, 3, 2, 4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_one_image_without_boxes_and_partial_grads(device):
+    feats = make_pyramid(2, 4, 4, seed=21)
+    boxes = [torch.zeros(0, 4), pyramid_boxes(4, IMAGE_SIZES[1], 22)]
+    f1 = [leaf(f, "cpu", i != 1) for i, f in enumerate(feats)]
+    tv_multiscale(f1, boxes, 7, 2).sum().backward()
+    f2 = [leaf(f, device, i != 1) for i, f in enumerate(feats)]
+    out = multiscale_roi_align(f2, [b.to(device) for b in boxes], 7, IMAGE_SIZES, 2, backend="triton")
+    out.sum().backward()
+    assert f2[1].grad is None
+    for i in (0, 2, 3):
+        assert_close_verbose(f2[i].grad.cpu(), f1[i].grad, *TOL[torch.float32], what=f"level {i}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_inputs_not_modified(device):
+    feats = make_pyramid(2, 4, 3, "channels_last", seed=23, device=device)
+    boxes = [pyramid_boxes(3, IMAGE_SIZES[0], 24, device), pyramid_boxes(2, IMAGE_SIZES[1], 25, device)]
+    saved_f, saved_b = [f.clone() for f in feats], [b.clone() for b in boxes]
+    leaves = [f.requires_grad_() for f in feats]
+    multiscale_roi_align(leaves, boxes, 7, IMAGE_SIZES, 2, backend="triton").sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(feats, saved_f))
+    assert all(torch.equal(a, b) for a, b in zip(boxes, saved_b))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_backend_refusals(device):
+    feats = make_pyramid(1, 2, 4, device=device) + [torch.randn(1, 2, 2, 3, device=device),
+                                                    torch.randn(1, 2, 1, 2, device=device)]
+    with pytest.raises(RuntimeError, match="at most 5 feature levels"):
+        multiscale_roi_align(feats, [torch.zeros(1, 4, device=device)], 7, [IMAGE_HW], 2, backend="triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        roi_align(torch.randn(1, 2, 5, 5, dtype=torch.float64, device=device),
+                  torch.zeros(1, 5, dtype=torch.float64, device=device), 2, backend="triton")
+
+
+# --------------------------------------------------------------------------- CUDA, realistic sizes
+
+
+def _cuda_problem(dtype, layout, k_per_image=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image_sizes = [(800, 1216), (800, 1067)]
+    feats = [torch.randn(2, 256, 800 // s, 1216 // s, generator=g) for s in (4, 8, 16, 32)]
+    feats = [to_layout(f.to(device="cuda", dtype=dtype), layout) for f in feats]
+    boxes = []
+    for i, (h, w) in enumerate(image_sizes):
+        side = torch.exp(torch.empty(k_per_image).uniform_(math.log(8), math.log(800), generator=g))
+        aspect = torch.exp(torch.empty(k_per_image).uniform_(-1, 1, generator=g))
+        bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
+        x1, y1 = torch.rand(k_per_image, generator=g) * (w - bw / 2), torch.rand(k_per_image, generator=g) * (h - bh / 2)
+        boxes.append(torch.stack([x1, y1, (x1 + bw).clamp(max=w), (y1 + bh).clamp(max=h)], 1).cuda())
+    return feats, boxes, image_sizes
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_realistic_matches_torchvision(layout, dtype):
+    feats, boxes, image_sizes = _cuda_problem(dtype, layout)
+    names = ["0", "1", "2", "3"]
+    leaves = [f.detach().requires_grad_() for f in feats]
+    got = multiscale_roi_align(leaves, boxes, 7, image_sizes, 2, backend="triton")
+    f32 = [f.detach().float().requires_grad_() for f in feats]
+    expected = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, f32)), boxes, image_sizes)
+    assert_close_verbose(got.float(), expected.to(dtype).float(), *TOL[dtype], what="forward")
+    grad = torch.randn_like(expected)
+    got.backward(grad.to(dtype))
+    expected.backward(grad)
+    for i, (a, b) in enumerate(zip(leaves, f32)):
+        assert_close_verbose(a.grad.float(), b.grad.to(dtype).float(), *TOL[dtype], what=f"grad level {i}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_deterministic_and_no_host_sync(layout):
+    feats, boxes, image_sizes = _cuda_problem(torch.float32, layout, seed=1)
+    grad = torch.randn(1000, 256, 7, 7, device="cuda")
+    grads = []
+    for deterministic in (True, True, False):
+        warm = [f.detach().requires_grad_() for f in feats]  # compile outside the checked region
+        multiscale_roi_align(warm, boxes, 7, image_sizes, 2, backend="triton",
+                             deterministic=deterministic).backward(grad)
+        leaves = [f.detach().requires_grad_() for f in feats]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # forward and backward must not wait on the GPU
+        try:
+            out = multiscale_roi_align(leaves, boxes, 7, image_sizes, 2, backend="triton",
+                                       deterministic=deterministic)
+            out.backward(grad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        grads.append([f.grad for f in leaves])
+    for i, (a, b, c) in enumerate(zip(*grads)):
+        assert torch.equal(a, b), f"level {i}: deterministic gradients differ between runs"
+        assert_close_verbose(c, b, *TOL[torch.float32], what=f"atomic vs deterministic, level {i}")
+
+
+@requires_cuda
+def test_cuda_new_box_count_does_not_recompile():
+    from kernels.roi_align import _roi_align_fwd_kernel
+
+    feats, boxes, image_sizes = _cuda_problem(torch.float32, "channels_last", k_per_image=300)
+    multiscale_roi_align(feats, boxes, 7, image_sizes, 2, backend="triton")
+    compiled = sum(len(cache[0]) for cache in _roi_align_fwd_kernel.device_caches.values())
+    for k in (1, 17, 299):
+        multiscale_roi_align(feats, [b[:k] for b in boxes], 7, image_sizes, 2, backend="triton")
+    assert sum(len(cache[0]) for cache in _roi_align_fwd_kernel.device_caches.values()) == compiled

@@ -44,6 +44,22 @@ def test_roi_align_low_precision(dtype):
     assert_close_verbose(got, expected, *TOL[dtype])
 
 
+def test_roi_align_fp16_against_torchvision_fp16():
+    """torchvision runs fp16 on the CPU in half arithmetic; the reference accumulates in fp32.
+
+    Both must agree to within fp16 arithmetic error, and the reference must be at least as
+    close as torchvision to the exact (fp64) result on the same fp16 inputs.
+    """
+    x = torch.randn(2, 4, 9, 10).half()
+    rois = make_rois(2, 17, 30.0, 4).half()
+    tv = torchvision.ops.roi_align(x, rois, 5, 0.5, 2, True)
+    got = roi_align(x, rois, 5, 0.5, 2, True, backend="torch")
+    exact = torchvision.ops.roi_align(x.double(), rois.double(), 5, 0.5, 2, True)
+    assert got.dtype == tv.dtype == torch.float16
+    assert_close_verbose(got.float(), tv.float(), atol=3e-2, rtol=1e-2, what="fp16 vs torchvision fp16")
+    assert (got.double() - exact).abs().max() <= (tv.double() - exact).abs().max()
+
+
 def test_roi_align_list_boxes_channels_last_and_noncontiguous():
     x = torch.randn(3, 6, 12, 13)
     boxes = [random_boxes(k, 40.0, generator=torch.Generator().manual_seed(k)) for k in (4, 0, 7)]

@@ -1,0 +1,136 @@
+"""Run every benchmark and record the results: ``python -m benchmarks.run``.
+
+Options: ``--quick`` (small sizes, few repeats: the CI smoke run), ``--only OP`` (repeatable),
+``--device cuda|cpu``, ``--out DIR``. Writes ``<date>-<device>.json`` (device, versions,
+commit, shapes, medians, ratios), a Markdown table and a PNG chart of the speed-ups over
+torchvision. Every provider of a case is timed in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = {
+    "roi_align": "benchmarks.bench_roi_align",
+    "nms": "benchmarks.bench_nms",
+    "proposals": "benchmarks.bench_proposals",
+    "mask_paste": "benchmarks.bench_mask_paste",
+    "model": "benchmarks.bench_model",
+}
+BASELINE = "torchvision"
+
+
+def environment(device: str) -> dict:
+    import triton
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or "cpu")
+    return {"device": name, "device_type": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "commit": commit,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``speedup_vs_torchvision`` on every row whose case also has a torchvision row."""
+    key = lambda r: tuple((k, str(v)) for k, v in sorted(r.items()) if k in ("op", "case", "dtype", "pass", "layout"))  # noqa: E731
+    base = {key(r): r["median_ms"] for r in rows if r["provider"] == BASELINE}
+    for r in rows:
+        b = base.get(key(r))
+        if b is not None:
+            r["speedup_vs_torchvision"] = b / r["median_ms"]
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# fastmask benchmarks: {env['device']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, torchvision {env['torchvision']}, "
+             f"triton {env['triton']}. Medians in ms (20th-80th percentile); speed-up = torchvision median / median.", "",
+             "| op | case | dtype | provider | median ms | p20-p80 ms | GB/s | speed-up vs torchvision |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        case = r["case"] + "".join(f", {k}={r[k]}" for k in ("pass", "layout") if k in r)
+        gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
+        sp = f"{r['speedup_vs_torchvision']:.2f}x" if "speedup_vs_torchvision" in r else ""
+        lines.append(f"| {r['op']} | {case} | {r['dtype']} | {r['provider']} | {r['median_ms']:.3f} | "
+                     f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {gbps} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["provider"] != BASELINE and "speedup_vs_torchvision" in r]
+    if not pts:
+        return
+    labels = [f"{r['op']}: {r['case']} {r['dtype']} {r.get('pass', '')} [{r['provider']}]" for r in pts]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(pts) + 1.5))
+    vals = [r["speedup_vs_torchvision"] for r in pts]
+    ax.barh(range(len(pts)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(pts)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over torchvision (log scale; >1 is faster)")
+    ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
+    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but no CUDA GPU is available")
+
+    env = environment(args.device)
+    rows, failures = [], {}
+    for name in args.only or list(BENCHMARKS):
+        print(f"== {name}", flush=True)
+        mod = importlib.import_module(BENCHMARKS[name])
+        try:
+            got = mod.run(quick=args.quick, device=args.device)
+        except Exception as exc:  # record and go on: one broken benchmark must not lose the others
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            print(f"   FAILED: {failures[name]}", file=sys.stderr)
+            continue
+        rows.extend(got)
+    add_ratios(rows)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+    stem = out / f"{dt.date.today().isoformat()}-{tag}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "quick": args.quick, "rows": rows,
+                                                     "failures": failures}, indent=1))
+    md = markdown(env, rows)
+    stem.with_suffix(".md").write_text(md)
+    chart(rows, stem.with_suffix(".png"), f"{env['device']} ({env['date'][:10]})")
+    print(md)
+    print(f"wrote {stem}.json/.md/.png")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""RoI heads: the box branch (TwoMLPHead + FastRCNNPredictor) and the mask branch (four 3x3
+convs + MaskRCNNPredictor), their training targets and losses, and detection post-processing.
+
+Module and parameter names follow torchvision (``box_head.fc6``, ``box_predictor.cls_score``,
+``mask_head.0.0``, ``mask_predictor.conv5_mask``, ...) so its checkpoints load unchanged.
+
+Training (torchvision's ``RoIHeads.select_training_samples``): the ground-truth boxes are
+added to the proposals, each proposal is matched to the ground truth (IoU >= ``fg_iou_thresh``
+object, < ``bg_iou_thresh`` background), ``batch_size_per_image`` proposals per image are
+sampled with ``positive_fraction`` positives, and the box branch is trained on them, the mask
+branch on the positives. The whole batch is handled at once on padded [B, N] tensors.
+
+Inference (torchvision's ``postprocess_detections``): per proposal and foreground class, the
+decoded box (clipped to the image) with its softmax score; candidates scoring above
+``score_thresh`` with sides >= :data:`MIN_DETECTION_SIZE` go through NMS per (image, class)
+and the ``detections_per_img`` best per image are kept; masks are predicted for those.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmask import ops
+
+from .losses import fastrcnn_losses, mask_loss, mask_targets
+from .rpn import full_precision
+from .sampling import Matcher, pad_boxes, sample_balanced
+
+BOX_ROI_SIZE = 7  # RoI Align output of the box branch (7x7, as the FPN paper)
+MASK_ROI_SIZE = 14  # RoI Align output of the mask branch; the predictor upsamples it to 28x28
+ROI_SAMPLING_RATIO = 2  # bilinear samples per bin and axis in both RoI Aligns (torchvision's)
+REPRESENTATION_SIZE = 1024  # width of the two fully connected layers of the box head
+MASK_HEAD_CHANNELS = (256, 256, 256, 256)
+# Detections with a side below this (pixels, in the resized image) are dropped before NMS.
+MIN_DETECTION_SIZE = 1e-2
+FEATURE_NAMES = ("0", "1", "2", "3")  # P2..P5: the RoI heads do not pool from "pool" (P6)
+
+
+@dataclass
+class RoIHeadsConfig:
+    """Box and mask head settings, named and defaulted as torchvision's ``box_*`` arguments."""
+
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    bbox_reg_weights: tuple[float, float, float, float] | None = None  # None: (10, 10, 5, 5)
+
+    @property
+    def box_weights(self) -> tuple[float, float, float, float]:
+        return tuple(self.bbox_reg_weights) if self.bbox_reg_weights is not None else (10.0, 10.0, 5.0, 5.0)
+
+
+class TwoMLPHead(nn.Module):
+    """Flatten the pooled RoI features and apply two fully connected layers with ReLU."""
+
+    def __init__(self, in_channels: int, representation_size: int = REPRESENTATION_SIZE):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class logits Tensor[K, C] and per-class box deltas Tensor[K, 4C]."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class MaskRCNNHeads(nn.Sequential):
+    """Four 3x3 conv + ReLU layers on the 14x14 pooled features (names ``{i}.0.weight``)."""
+
+    def __init__(self, in_channels: int, layers=MASK_HEAD_CHANNELS):
+        blocks, c = [], in_channels
+        for width in layers:
+            blocks.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True)))
+            c = width
+        super().__init__(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+
+class MaskRCNNPredictor(nn.Sequential):
+    """2x transposed-conv upsampling + ReLU, then per-class mask logits Tensor[K, C, 28, 28]."""
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
+        super().__init__(OrderedDict([
+            ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
+        ]))
+        for name, p in self.named_parameters():
+            if "weight" in name:
+                nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
+
+
+def _split(t: Tensor, counts: list[int]) -> list[Tensor]:
+    return list(t.split(counts))
+
+
+class RoIHeads(nn.Module):
+    """``forward(features, proposals, image_sizes, targets=None) -> (detections, losses)``.
+
+    ``detections``: per image ``{"boxes": [N, 4], "labels": [N] int64, "scores": [N],
+    "masks": [N, 1, 28, 28] probabilities}`` in the resized image's coordinates (eval);
+    ``losses``: ``loss_classifier``, ``loss_box_reg``, ``loss_mask`` (training).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, cfg: RoIHeadsConfig, backend: str | None = None,
+                 box_roi_pool: nn.Module | None = None, mask_roi_pool: nn.Module | None = None):
+        """``box_roi_pool`` / ``mask_roi_pool``: optional replacements of the RoI Aligns over
+        ``"0".."3"`` (e.g. ``MultiScaleRoIAlign(["0"], 7, 2)`` for a one-map backbone), called
+        as ``pool(features, boxes, image_sizes)``; they must return 7x7 and 14x14 maps."""
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {num_classes!r}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.backend = backend
+        if box_roi_pool is None:
+            box_roi_pool = ops.MultiScaleRoIAlign(FEATURE_NAMES, BOX_ROI_SIZE, ROI_SAMPLING_RATIO, backend=backend)
+        if mask_roi_pool is None:
+            mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_NAMES, MASK_ROI_SIZE, ROI_SAMPLING_RATIO, backend=backend)
+        self.box_roi_pool = box_roi_pool
+        self.box_head = TwoMLPHead(in_channels * BOX_ROI_SIZE ** 2, REPRESENTATION_SIZE)
+        self.box_predictor = FastRCNNPredictor(REPRESENTATION_SIZE, num_classes)
+        self.mask_roi_pool = mask_roi_pool
+        self.mask_head = MaskRCNNHeads(in_channels)
+        self.mask_predictor = MaskRCNNPredictor(MASK_HEAD_CHANNELS[-1], 256, num_classes)
+        self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False)
+
+    # ------------------------------------------------------------------ training
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict]):
+        """Sampled proposals per image; for the flat sampled rows their labels and matched ground
+        truth (index within the image); the rows of the positives, their regression targets,
+        and the number of positives per image."""
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        candidates = [torch.cat([p, g]) for p, g in zip(proposals, gt_boxes)]  # the ground truth is a proposal too
+        cand, cand_valid = pad_boxes(candidates)  # [B, N, 4]
+        gt, gt_valid = pad_boxes(gt_boxes)  # [B, G, 4]
+        n = cand.shape[1]
+        matches = self.matcher(ops.box_iou(gt, cand), gt_valid)  # [B, N]
+        matched = matches.clamp(min=0)
+        if gt.shape[1]:
+            gt_labels = torch.nn.utils.rnn.pad_sequence([t["labels"] for t in targets], batch_first=True)
+            labels = gt_labels.gather(1, matched)
+        else:
+            labels = torch.zeros_like(matches)
+        labels = torch.where(matches == Matcher.BELOW_LOW_THRESHOLD, 0, labels)
+        labels = torch.where((matches == Matcher.BETWEEN_THRESHOLDS) | ~cand_valid, -1, labels)  # -1: ignored
+
+        s = sample_balanced(labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction)
+        rows = torch.cat([s.pos, s.neg]).sort().values  # image-major, increasing within the image
+        counts = [p + q for p, q in zip(s.num_pos, s.num_neg)]
+        sampled_boxes = cand.reshape(-1, 4)[rows]
+        sampled_labels = labels.reshape(-1)[rows]
+        sampled_matched = matched.reshape(-1)[rows]
+        pos_rows = torch.searchsorted(rows, s.pos)  # where the positives sit among the sampled rows
+        # Regression targets of the positives only, the rows the box loss reads (torchvision
+        # encodes every sampled row; the values are the same).
+        pos_gt = gt[s.pos // n, sampled_matched[pos_rows]]
+        pos_targets = ops.encode_boxes(pos_gt, sampled_boxes[pos_rows], self.cfg.box_weights, backend=self.backend)
+        return (_split(sampled_boxes, counts), sampled_labels, sampled_matched, pos_targets, pos_rows, s.num_pos)
+
+    # ------------------------------------------------------------------ inference
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                               image_sizes: list[tuple[int, int]]):
+        """Boxes, scores and labels per image (see the module docs), all images in one NMS call."""
+        device = class_logits.device
+        counts = [len(p) for p in proposals]
+        num_classes = class_logits.shape[-1]
+        clip_to = ops.boxes.per_row_image_sizes(image_sizes, counts, device)
+        boxes = ops.decode_boxes(box_regression, torch.cat(proposals), self.cfg.box_weights, clip_to=clip_to,
+                                 backend=self.backend).reshape(-1, num_classes, 4)[:, 1:]  # drop background
+        scores = F.softmax(class_logits, -1)[:, 1:]
+        labels = torch.arange(1, num_classes, device=device).expand_as(scores)
+        image_ids = torch.repeat_interleave(torch.arange(len(proposals), device=device),
+                                            torch.tensor(counts, device=device))[:, None].expand_as(scores)
+        boxes, scores, labels, image_ids = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1), \
+            image_ids.reshape(-1)
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = (scores > self.cfg.score_thresh) & (wh >= MIN_DETECTION_SIZE).all(dim=1)
+        # host sync (indexing by a mask): the candidates that survive the score threshold are
+        # few and variable in number; NMS then runs on them only.
+        boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
+        # One NMS for the batch: groups are (image, class) pairs.
+        kept = ops.batched_nms(boxes, scores, image_ids * num_classes + labels, self.cfg.nms_thresh,
+                               backend=self.backend)  # decreasing score
+        # Keep the detections_per_img best of each image: a stable sort by image keeps the
+        # score order inside each image; the rank inside the image is the position minus the
+        # image's first position.
+        kept = kept[torch.sort(image_ids[kept], stable=True).indices]
+        img = image_ids[kept]
+        per_image = torch.bincount(img, minlength=len(proposals))
+        first = torch.cumsum(per_image, 0) - per_image
+        rank = torch.arange(len(kept), device=device) - first[img]
+        kept = kept[rank < self.cfg.detections_per_img]
+        out_counts = per_image.clamp(max=self.cfg.detections_per_img).tolist()  # host sync: output lengths
+        return (_split(boxes[kept], out_counts), _split(scores[kept], out_counts), _split(labels[kept], out_counts))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+                targets: list[dict] | None = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("targets must be given in training mode")
+            proposals, labels, matched, pos_targets, pos_rows, num_pos = self.select_training_samples(
+                proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = map(full_precision, self.box_predictor(box_features))
+
+        if self.training:
+            loss_classifier, loss_box_reg = fastrcnn_losses(class_logits, box_regression, labels, pos_targets,
+                                                            pos_rows)
+            pos_boxes = _split(torch.cat(proposals)[pos_rows], num_pos)
+            mask_logits = full_precision(
+                self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_boxes, image_sizes))))
+            targets_m = mask_targets([t["masks"] for t in targets], pos_boxes, _split(matched[pos_rows], num_pos),
+                                     mask_logits.shape[-1], backend=self.backend)
+            loss_m = mask_loss(mask_logits, labels[pos_rows], targets_m)
+            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_m}
+
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        counts = [len(b) for b in boxes]
+        mask_logits = full_precision(self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes,
+                                                                                           image_sizes))))
+        # The mask of each detection's own class; sigmoid after the selection (same values,
+        # C times fewer).
+        all_labels = torch.cat(labels)
+        probs = mask_logits[torch.arange(len(all_labels), device=all_labels.device), all_labels][:, None].sigmoid()
+        detections = [{"boxes": b, "labels": l, "scores": s, "masks": m}
+                      for b, l, s, m in zip(boxes, labels, scores, _split(probs, counts))]
+        return detections, {}

@@ -111,18 +111,24 @@ def iou_exceeds_ref(a: Tensor, b: Tensor, iou_threshold: float) -> Tensor:
 
 
 def _greedy_sorted_ref(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy NMS over boxes already sorted by decreasing score.
+    """Greedy NMS over boxes sorted by group, then by decreasing score within each group.
 
-    ``boxes``: Tensor[T, 4] in the compute dtype; ``groups``: int64 Tensor[T] (a box only
-    suppresses boxes of its own group). Returns bool Tensor[T], True = kept.
+    ``boxes``: Tensor[T, 4] in the compute dtype; ``groups``: int64 Tensor[T], non-decreasing
+    (a box only suppresses boxes of its own group, so each tile is compared only with the
+    kept boxes of the groups it holds, which start at its first box's group). Returns bool
+    Tensor[T], True = kept.
     """
     t = boxes.shape[0]
     keep = torch.zeros(t, dtype=torch.bool, device=boxes.device)
+    # First sorted position of each box's group (groups are contiguous runs).
+    group_start = torch.searchsorted(groups, groups, right=False)
     for start in range(0, t, REF_TILE):
         tile, tile_groups = boxes[start:start + REF_TILE], groups[start:start + REF_TILE]
         n = tile.shape[0]
-        # Suppression by the boxes kept in earlier tiles: their decisions are final.
-        kept = keep[:start].nonzero().squeeze(1)
+        # Suppression by the boxes kept in earlier tiles of the same groups: their decisions
+        # are final. Host sync: the reference sizes this comparison by the kept count.
+        lo = int(group_start[start])
+        kept = keep[lo:start].nonzero().squeeze(1) + lo
         by_earlier = (iou_exceeds_ref(boxes[kept], tile, iou_threshold)
                       & (groups[kept][:, None] == tile_groups[None, :])).any(dim=0)
         # Within the tile: sup[j, i] = box j (earlier in the order) would suppress box i.
@@ -137,6 +143,12 @@ def _greedy_sorted_ref(boxes: Tensor, groups: Tensor, iou_threshold: float) -> T
             tile_keep = new
         keep[start:start + n] = tile_keep
     return keep
+
+
+def _group_order(scores: Tensor, groups: Tensor) -> Tensor:
+    """Indices sorted by group, then by decreasing score (equal scores: input order)."""
+    by_score = _sorted_order(scores)
+    return by_score[torch.sort(groups[by_score], stable=True).indices]
 
 
 def _sorted_order(scores: Tensor) -> Tensor:
@@ -161,7 +173,7 @@ def nms_keep_mask_ref(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs:
     candidates = torch.arange(lead.numel(), device=boxes.device)
     if valid is not None:
         candidates = candidates[valid.reshape(-1)]
-    order = candidates[_sorted_order(flat_scores[candidates])]
+    order = candidates[_group_order(flat_scores[candidates], groups[candidates])]
     keep_sorted = _greedy_sorted_ref(flat_boxes[order], groups[order], iou_threshold)
     keep = torch.zeros(lead.numel(), dtype=torch.bool, device=boxes.device)
     keep[order] = keep_sorted
@@ -174,10 +186,15 @@ def nms_ref(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | 
     ``boxes``: Tensor[N, 4] ``(x1, y1, x2, y2)``; ``scores``: Tensor[N]; ``idxs``: optional
     integer Tensor[N] of classes (then it is ``batched_nms``).
     """
-    order = _sorted_order(scores)
-    groups = idxs.to(torch.int64) if idxs is not None else torch.zeros_like(order)
-    keep = _greedy_sorted_ref(boxes.to(compute_dtype(boxes.dtype))[order], groups[order], iou_threshold)
-    return order[keep]
+    by_score = _sorted_order(scores)
+    if idxs is None:
+        groups = torch.zeros_like(by_score)
+        return by_score[_greedy_sorted_ref(boxes.to(compute_dtype(boxes.dtype))[by_score], groups, iou_threshold)]
+    groups = idxs.to(torch.int64)
+    order = _group_order(scores, groups)
+    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    keep[order] = _greedy_sorted_ref(boxes.to(compute_dtype(boxes.dtype))[order], groups[order], iou_threshold)
+    return by_score[keep[by_score]]
 
 
 # --------------------------------------------------------------------------- public ops

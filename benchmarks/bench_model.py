@@ -139,6 +139,8 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
     models = _models(device, quick)
     modes = ["fp32"] if quick else ["fp32", "tf32", "bf16"]
     rep = 100 if quick else 2000
+    # Quick (CPU smoke) runs: one warm-up call and two timed ones per provider.
+    timing = dict(warmup_ms=0, rep_ms=0, min_runs=2) if quick else dict(warmup_ms=rep / 4, rep_ms=rep)
     rows = []
     for batch in cfg["batches"]:
         inputs = [(_images(batch, cfg["hw"], device, s),) for s in range(3)]
@@ -150,7 +152,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                     with torch.no_grad(), _precision(mode, device):
                         return m(images)
 
-                t = bench(infer, inputs, device=device, warmup_ms=rep / 4, rep_ms=rep)
+                t = bench(infer, inputs, device=device, **timing)
                 rows.append(row("model", f"inference batch {batch} {cfg['hw'][0]}x{cfg['hw'][1]}", name, mode, t,
                                 **{"pass": "inference"}))
     # Same outputs: each fastmask backend against torchvision, batch 1, fp32.
@@ -178,7 +180,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            t = bench(step, train_inputs, device=device, warmup_ms=rep / 4, rep_ms=rep)
+            t = bench(step, train_inputs, device=device, **timing)
             rows.append(row("model", f"train step batch {b} {cfg['hw'][0]}x{cfg['hw'][1]}", name, mode, t,
                             **{"pass": "train"}))
     if not quick and device.startswith("cuda"):

@@ -51,8 +51,12 @@ def add_ratios(rows: list[dict]) -> None:
     base = {key(r): r["median_ms"] for r in rows if r["provider"] == BASELINE}
     for r in rows:
         b = base.get(key(r))
-        if b is not None:
+        if b is not None and _timed(r):
             r["speedup_vs_torchvision"] = b / r["median_ms"]
+
+
+def _timed(r: dict) -> bool:
+    return r["median_ms"] == r["median_ms"]  # not NaN: parity and breakdown rows carry no timing
 
 
 def markdown(env: dict, rows: list[dict]) -> str:
@@ -61,12 +65,27 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"triton {env['triton']}. Medians in ms (20th-80th percentile); speed-up = torchvision median / median.", "",
              "| op | case | dtype | provider | median ms | p20-p80 ms | GB/s | speed-up vs torchvision |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in filter(_timed, rows):
         case = r["case"] + "".join(f", {k}={r[k]}" for k in ("pass", "layout") if k in r)
         gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
         sp = f"{r['speedup_vs_torchvision']:.2f}x" if "speedup_vs_torchvision" in r else ""
         lines.append(f"| {r['op']} | {case} | {r['dtype']} | {r['provider']} | {r['median_ms']:.3f} | "
                      f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {gbps} | {sp} |")
+    parity = [r for r in rows if "same_counts" in r]
+    if parity:
+        lines += ["", "## Model outputs against torchvision (same weights and image, fp32)", "",
+                  "| provider | same detection counts | max box diff | max score diff | labels equal | mask pixels agree |",
+                  "|---|---|---|---|---|---|"]
+        for r in parity:
+            lines.append(f"| {r['provider']} | {r['same_counts']} | {r.get('boxes', '')} | {r.get('scores', '')} | "
+                         f"{r.get('labels_equal', '')} | {r.get('mask_pixels_agree', '')} |")
+    parts = [r for r in rows if "breakdown" in r]
+    if parts:
+        names = list(parts[0]["breakdown"])
+        lines += ["", "## Where inference time goes (ms, PyTorch profiler, one run)", "",
+                  "| provider | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for r in parts:
+            lines.append(f"| {r['provider']} | " + " | ".join(f"{r['breakdown'].get(n, float('nan')):.1f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +95,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r["provider"] != BASELINE and "speedup_vs_torchvision" in r]
+    pts = [r for r in rows if r["provider"] != BASELINE and _timed(r) and "speedup_vs_torchvision" in r]
     if not pts:
         return
     labels = [f"{r['op']}: {r['case']} {r['dtype']} {r.get('pass', '')} [{r['provider']}]" for r in pts]

@@ -243,3 +243,22 @@ def test_reference_direct_call_matches_public_op():
     x = torch.randn(1, 2, 6, 6)
     rois = make_rois(1, 5, 20.0, 9)
     assert torch.equal(roi_align_ref(x, rois, 3, 0.5, 2, False), roi_align(x, rois, 3, 0.5, 2, False, backend="torch"))
+
+
+def test_roi_align_bad_scalars_and_batch_index():
+    x = torch.randn(2, 2, 5, 5)
+    rois = torch.tensor([[0, 1.0, 1, 3, 3]])
+    with pytest.raises(ValueError, match="spatial_scale"):
+        roi_align(x, rois, 2, None, backend="torch")
+    with pytest.raises(TypeError, match="sampling_ratio"):
+        roi_align(x, rois, 2, 1.0, 2.0, backend="torch")
+    with pytest.raises(TypeError, match="aligned"):
+        roi_align(x, rois, 2, 1.0, 2, 1, backend="torch")
+    for bad in (-1.0, 2.0, 0.5):
+        with pytest.raises(ValueError, match=r"boxes\[:, 0\] must be batch indices in \[0, 2\)"):
+            roi_align(x, torch.tensor([[bad, 1.0, 1, 3, 3]]), 2, backend="torch")
+    feats = make_pyramid(1, 2, (64, 64))
+    with pytest.raises(ValueError, match=r"image_sizes\[0\] must be a pair of positive ints"):
+        multiscale_roi_align(feats, [torch.zeros(1, 4)], 7, [(0, 0)], backend="torch")
+    with pytest.raises(TypeError, match="canonical_level"):
+        multiscale_roi_align(feats, [torch.zeros(1, 4)], 7, [(64, 64)], canonical_level=4.5, backend="torch")

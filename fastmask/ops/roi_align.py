@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._backend import resolve_backend
+from ._backend import check_backend_name, resolve_backend
 from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, pair
 
 # Values the reference gathers at once (chunks of RoIs are processed in turn): 2**25 fp32
@@ -229,6 +229,44 @@ def _check_features(name: str, feats: Sequence[Tensor]) -> None:
             raise ValueError(f"{name}[{i}] has dtype/device {f.dtype}/{f.device}, {name}[0] has {feats[0].dtype}/{feats[0].device}")
 
 
+# Most levels the Triton kernel takes in one launch (P2-P6); ``auto`` uses the reference beyond.
+KERNEL_MAX_LEVELS = 5
+
+
+def _check_scalars(spatial_scale=1.0, sampling_ratio=-1, aligned=False, canonical_scale=224.0,
+                   canonical_level=4) -> None:
+    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)) or not spatial_scale > 0:
+        raise ValueError(f"spatial_scale must be a positive number, got {spatial_scale!r}")
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+    if not isinstance(aligned, bool):
+        raise TypeError(f"aligned must be a bool, got {aligned!r}")
+    if isinstance(canonical_scale, bool) or not isinstance(canonical_scale, (int, float)) or not canonical_scale > 0:
+        raise ValueError(f"canonical_scale must be a positive number, got {canonical_scale!r}")
+    if isinstance(canonical_level, bool) or not isinstance(canonical_level, int):
+        raise TypeError(f"canonical_level must be an int, got {canonical_level!r}")
+
+
+def _check_batch_index(rois: Tensor, n: int) -> None:
+    """boxes[:, 0] must hold whole numbers in [0, n) (CPU tensors; on CUDA this would sync,
+    and the Triton kernel pools zeros for an out-of-range index)."""
+    if rois.device.type != "cpu" or rois.shape[0] == 0:
+        return
+    idx = rois[:, 0]
+    bad = (idx != idx.round()) | (idx < 0) | (idx >= n)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"boxes[:, 0] must be batch indices in [0, {n}), got {idx[first].item()} at row {first}")
+
+
+def _check_image_sizes(image_sizes, n: int) -> None:
+    if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != n:
+        raise ValueError(f"image_sizes must give (h, w) for each of the {n} images, got {image_sizes!r}")
+    for i, s in enumerate(image_sizes):
+        if len(s) != 2 or not all(int(v) == v and v > 0 for v in s):
+            raise ValueError(f"image_sizes[{i}] must be a pair of positive ints (h, w), got {tuple(s)!r}")
+
+
 def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False, *, backend: str | None = None,
               deterministic: bool | None = None) -> Tensor:
@@ -249,11 +287,11 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
     channels-last when ``input`` is); differentiable w.r.t. ``input``.
     """
     _check_features("input", [input])
+    _check_scalars(spatial_scale, sampling_ratio, aligned)
     rois = boxes_to_rois(boxes)
     check_same_device(input=input, boxes=rois)
     out_hw = pair("output_size", output_size)
-    if rois.shape[0] and input.shape[0] == 0:
-        raise ValueError("input has batch size 0 but boxes is not empty")
+    _check_batch_index(rois, input.shape[0])
     if resolve_backend(backend, input, "roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
         from ._roi_align_triton import roi_align_triton
         return roi_align_triton([input], rois, out_hw, [spatial_scale], sampling_ratio, aligned,
@@ -288,11 +326,14 @@ def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], ou
     check_same_device(features=features[0], boxes=rois)
     if len(boxes) != features[0].shape[0]:
         raise ValueError(f"boxes has {len(boxes)} images but features have batch size {features[0].shape[0]}")
-    if not image_sizes or len(image_sizes) != len(boxes):
-        raise ValueError(f"image_sizes must give (h, w) for each of the {len(boxes)} images")
+    _check_image_sizes(image_sizes, len(boxes))
+    _check_scalars(sampling_ratio=sampling_ratio, canonical_scale=canonical_scale, canonical_level=canonical_level)
     out_hw = pair("output_size", output_size)
     scales = infer_scales([f.shape[-2:] for f in features], image_sizes)
-    if resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
+    use_triton = resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton"
+    if use_triton and len(features) > KERNEL_MAX_LEVELS and check_backend_name(backend) == "auto":
+        use_triton = False  # more levels than one launch takes: the reference handles any count
+    if use_triton:
         from ._roi_align_triton import roi_align_triton
         k_min, k_max = level_range(scales)
         return roi_align_triton(list(features), rois, out_hw, scales, sampling_ratio, False,

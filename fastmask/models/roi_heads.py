@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmask import ops
+from fastmask.ops._device import to_device_async
 
 from .losses import fastrcnn_losses, mask_loss, mask_targets
 from .rpn import full_precision
@@ -187,38 +188,53 @@ class RoIHeads(nn.Module):
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_sizes: list[tuple[int, int]]):
-        """Boxes, scores and labels per image (see the module docs), all images in one NMS call."""
+        """Boxes, scores and labels per image (see the module docs), all images in one NMS call.
+
+        Two host syncs: the number of candidates above the score threshold, and the output
+        lengths (see the comments below).
+        """
         device = class_logits.device
         counts = [len(p) for p in proposals]
-        num_classes = class_logits.shape[-1]
+        num_images, num_classes = len(proposals), class_logits.shape[-1]
+        detections_per_img = self.cfg.detections_per_img
         clip_to = ops.boxes.per_row_image_sizes(image_sizes, counts, device)
+        # Candidates flat, background dropped: candidate r * (C - 1) + (label - 1) is proposal
+        # row r with class label.
         boxes = ops.decode_boxes(box_regression, torch.cat(proposals), self.cfg.box_weights, clip_to=clip_to,
-                                 backend=self.backend).reshape(-1, num_classes, 4)[:, 1:]  # drop background
-        scores = F.softmax(class_logits, -1)[:, 1:]
-        labels = torch.arange(1, num_classes, device=device).expand_as(scores)
-        image_ids = torch.repeat_interleave(torch.arange(len(proposals), device=device),
-                                            torch.tensor(counts, device=device))[:, None].expand_as(scores)
-        boxes, scores, labels, image_ids = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1), \
-            image_ids.reshape(-1)
+                                 backend=self.backend).reshape(-1, num_classes, 4)[:, 1:].reshape(-1, 4)
+        scores = F.softmax(class_logits, -1)[:, 1:].reshape(-1)
+        # The image of each proposal row, from the counts the host knows (asynchronous copy,
+        # and output_size spares repeat_interleave its read of the total).
+        row_image = torch.arange(num_images, device=device).repeat_interleave(
+            to_device_async(counts, torch.int64, device), output_size=sum(counts))
         wh = boxes[:, 2:] - boxes[:, :2]
         keep = (scores > self.cfg.score_thresh) & (wh >= MIN_DETECTION_SIZE).all(dim=1)
-        # host sync (indexing by a mask): the candidates that survive the score threshold are
-        # few and variable in number; NMS then runs on them only.
-        boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
-        # One NMS for the batch: groups are (image, class) pairs.
-        kept = ops.batched_nms(boxes, scores, image_ids * num_classes + labels, self.cfg.nms_thresh,
-                               backend=self.backend)  # decreasing score
-        # Keep the detections_per_img best of each image: a stable sort by image keeps the
-        # score order inside each image; the rank inside the image is the position minus the
-        # image's first position.
-        kept = kept[torch.sort(image_ids[kept], stable=True).indices]
-        img = image_ids[kept]
-        per_image = torch.bincount(img, minlength=len(proposals))
+        # Host sync 1 of 2 (nonzero): the candidates that survive the score threshold are few
+        # and variable in number; NMS then runs on them only (NMS over every candidate with a
+        # validity mask would cost far more GPU work than this sync).
+        idx = keep.nonzero().squeeze(1)
+        boxes, scores = boxes.index_select(0, idx), scores.index_select(0, idx)
+        labels = idx % (num_classes - 1) + 1
+        image_ids = row_image.index_select(0, idx // (num_classes - 1))
+        # One NMS for the batch: groups are (image, class) pairs. The keep mask needs no sync.
+        kept = ops.nms_keep_mask(boxes, scores, self.cfg.nms_thresh, image_ids * num_classes + labels,
+                                 backend=self.backend)
+        # Keep the detections_per_img best of each image. Visit the candidates by image, then
+        # by decreasing score (stable sorts: equal scores in input order, as NMS orders them);
+        # the rank of a kept box inside its image is its rank among all kept boxes minus the
+        # number kept in earlier images.
+        by_score = torch.sort(scores, descending=True, stable=True).indices
+        image_sorted, by_image = torch.sort(image_ids[by_score], stable=True)
+        order = by_score[by_image]
+        kept_sorted = kept[order]
+        per_image = torch.zeros(num_images, dtype=torch.int64, device=device).index_add_(0, image_ids, kept.long())
         first = torch.cumsum(per_image, 0) - per_image
-        rank = torch.arange(len(kept), device=device) - first[img]
-        kept = kept[rank < self.cfg.detections_per_img]
-        out_counts = per_image.clamp(max=self.cfg.detections_per_img).tolist()  # host sync: output lengths
-        return (_split(boxes[kept], out_counts), _split(scores[kept], out_counts), _split(labels[kept], out_counts))
+        rank = torch.cumsum(kept_sorted, 0) - 1 - first[image_sorted]
+        chosen = kept_sorted & (rank < detections_per_img)
+        out_counts = per_image.clamp(max=detections_per_img).tolist()  # host sync 2 of 2: output lengths
+        # The chosen positions first, still in order (a stable sort: no sync, the total is known).
+        sel = order[torch.sort((~chosen).to(torch.uint8), stable=True).indices[:sum(out_counts)]]
+        return (_split(boxes[sel], out_counts), _split(scores[sel], out_counts), _split(labels[sel], out_counts))
 
     # ------------------------------------------------------------------ forward
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastmask.ops._device import to_device_async
+
 
 class Matcher:
     """Match candidates to ground truth by an IoU matrix.
@@ -123,6 +125,6 @@ def pad_boxes(boxes: list[Tensor], dtype=None) -> tuple[Tensor, Tensor]:
                                              batch_first=True)
     if padded.dim() == 2:  # every image empty: pad_sequence gives [B, 0]
         padded = padded.reshape(len(boxes), 0, 4)
-    counts = torch.tensor([len(b) for b in boxes], device=padded.device)
+    counts = to_device_async([len(b) for b in boxes], torch.int64, padded.device)  # async: no host sync
     valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < counts[:, None]
     return padded, valid

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmask import ops
+from fastmask.ops._device import device_constant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,12 +147,16 @@ def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence
     """Scale boxes Tensor[N, 4] from an image of ``original_size`` (h, w) to ``new_size``.
 
     The ratios are float32 quotients, as torchvision computes them, so results agree bitwise.
+    They are computed on the host (a float32 quotient is exactly a Python float) and the
+    columns multiplied by them in place on a copy: no host-to-device copy. The result has
+    the dtype ``boxes * float32 tensor`` has (fp16/bf16 boxes give fp32).
     """
-    rh, rw = (torch.tensor(float(s), dtype=torch.float32, device=boxes.device)
-              / torch.tensor(float(o), dtype=torch.float32, device=boxes.device)
-              for s, o in zip(new_size, original_size))
-    ratio = torch.stack([rw, rh, rw, rh])
-    return boxes * ratio
+    rh, rw = ((torch.tensor(float(s), dtype=torch.float32) / torch.tensor(float(o), dtype=torch.float32)).item()
+              for s, o in zip(new_size, original_size))  # CPU scalars: no device sync
+    out = boxes.to(torch.promote_types(boxes.dtype, torch.float32), copy=True)
+    out[:, 0::2] *= rw
+    out[:, 1::2] *= rh
+    return out
 
 
 class RCNNTransform(nn.Module):
@@ -211,8 +216,9 @@ class RCNNTransform(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         """-> (ImageList, resized targets or None). Inputs are not modified."""
         dtype, device = images[0].dtype, images[0].device
-        mean = torch.as_tensor(self.image_mean, dtype=dtype, device=device)[:, None, None]
-        std = torch.as_tensor(self.image_std, dtype=dtype, device=device)[:, None, None]
+        # Cached per (values, dtype, device): no host-to-device copy per forward.
+        mean = device_constant(self.image_mean, dtype, device)[:, None, None]
+        std = device_constant(self.image_std, dtype, device)[:, None, None]
         out_images, out_targets = [], []
         for i, image in enumerate(images):  # images differ in size: each is resized on its own
             image = (image - mean) / std

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._device import device_constant, to_device_async
 
 # Largest log-scale change decoded: a box at most 1000 px wide from a 16 px anchor.
 # Clamping dw, dh here keeps exp() finite for wild early-training deltas (torchvision's value).
@@ -131,8 +132,9 @@ def decode_boxes_ref(rel_codes: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1
     pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
     pred_w = torch.exp(dw) * widths[:, None]
     pred_h = torch.exp(dh) * heights[:, None]
-    half_w = torch.tensor(0.5, dtype=pred_w.dtype, device=pred_w.device) * pred_w
-    half_h = torch.tensor(0.5, dtype=pred_h.dtype, device=pred_h.device) * pred_h
+    half = device_constant((0.5,), pred_w.dtype, pred_w.device)[0]  # torchvision's 0-dim tensor, cached
+    half_w = half * pred_w
+    half_h = half * pred_h
     out = torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2)
     if clip_to is None:
         return out.flatten(1)
@@ -150,7 +152,10 @@ def encode_boxes_ref(reference_boxes: Tensor, proposals: Tensor, weights=(1.0, 1
     ``reference_boxes`` (targets) and ``proposals``: Tensor[N, 4]. Returns Tensor[N, 4]
     ``(dx, dy, dw, dh)`` in ``reference_boxes``' dtype.
     """
-    w = torch.as_tensor(weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
+    # The weights as a tensor in the targets' dtype, as torchvision has them: with mixed dtypes
+    # (e.g. fp32 targets, fp16 proposals) this rounds them as torchvision does, which Python
+    # floats would not. Cached per device: no host-to-device copy per call.
+    w = device_constant(tuple(float(v) for v in weights), reference_boxes.dtype, reference_boxes.device)
     ex_widths = proposals[:, 2:3] - proposals[:, 0:1]
     ex_heights = proposals[:, 3:4] - proposals[:, 1:2]
     ex_ctr_x = proposals[:, 0:1] + 0.5 * ex_widths
@@ -183,11 +188,7 @@ def per_row_image_sizes(image_sizes: Sequence[Sequence[int]], rows_per_image: Se
     sizes = torch.tensor([list(_image_size(f"image_sizes[{i}]", s)) for i, s in enumerate(image_sizes)],
                          dtype=torch.float32).reshape(-1, 2)
     counts = torch.tensor(list(rows_per_image), dtype=torch.int64)
-    table = sizes.repeat_interleave(counts, dim=0)
-    device = torch.device(device)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+    return to_device_async(sizes.repeat_interleave(counts, dim=0), torch.float32, device)
 
 
 def _check_clip_to(clip_to, n: int, device: torch.device):

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ._backend import resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._device import to_device_async
 from .anchors import AnchorGeometry
 from .boxes import BBOX_XFORM_CLIP, _image_size, decode_boxes_ref, per_row_image_sizes
 from .nms import nms_keep_mask
@@ -123,14 +124,6 @@ def rpn_candidates_ref(objectness: Tensor, deltas: Tensor, anchors: Tensor, imag
 # --------------------------------------------------------------------------- Triton path
 
 
-def _small_table(values: list[int], device: torch.device) -> Tensor:
-    """An int64 table on ``device`` without a host sync (copied from pinned memory on CUDA)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | AnchorGeometry,
                           image_sizes: Sequence[Sequence[int]], num_anchors_per_level: Sequence[int],
                           pre_nms_top_n: int, score_thresh: float = 0.0, min_size: float = 1e-3,
@@ -164,7 +157,7 @@ def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | 
         values += [int(v) for row in c for v in row] + [0] * (4 * (max_cells - len(c)))
     for h, w in image_sizes:
         values += [int(h), int(w)]
-    table = _small_table(values, device)
+    table = to_device_async(values, torch.int64, device)
     n_level = num_levels * 6
     n_cells = num_levels * max_cells * 4
     level_table = table[:n_level].view(num_levels, 6)

@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench, row
+from benchmarks.common import bench, main, row
 
 FULL_CASES = [(100, 28, (800, 1333)), (100, 28, (480, 640))]
 QUICK_CASES = [(10, 28, (120, 160))]
@@ -133,15 +133,5 @@ def run(quick: bool, device: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    results = run(args.quick, args.device)
-    print(f"device copy bandwidth: {results[0]['copy_gbps']:.0f} GB/s")
-    print(f"{'case':34} {'output':8} {'provider':12} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} {'of copy':>8}")
-    for r in results:
-        print(f"{r['case']:34} {r['output']:8} {r['provider']:12} {r['median_ms']:10.3f} "
-              f"{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} {r['gbps']:8.1f} {r['frac_of_copy']:8.2f}")
+    results, _ = main(run, __doc__, columns=("frac_of_copy",))
+    print(f"device copy bandwidth: {results[0]['copy_gbps']:.0f} GB/s (frac_of_copy = GB/s over it)")

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from benchmarks.common import bench, row
+from benchmarks.common import bench, main, row
 
 FULL_SIZES = [1_000, 5_000, 20_000, 100_000]
 QUICK_SIZES = [300, 1_000]
@@ -112,18 +112,6 @@ def run(quick: bool, device: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    results = run(args.quick, args.device)
-    base = {r["case"]: r["median_ms"] for r in results if r["provider"] == "torchvision"}
-    print(f"{'case':44} {'provider':12} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>7} {'vs torchvision':>15}")
-    for r in results:
-        speedup = base[r["case"]] / r["median_ms"]
-        print(f"{r['case']:44} {r['provider']:12} {r['median_ms']:10.3f} {r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} "
-              f"{r['gbps']:7.2f} {speedup:14.2f}x")
+    _, args = main(run, __doc__)
     if any(n > REFERENCE_MAX_BOXES for n in (QUICK_SIZES if args.quick else FULL_SIZES)):
         print(f"reference skipped above {REFERENCE_MAX_BOXES} boxes: O(N * kept) work and a host sync per tile")

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from benchmarks.common import bench, row
+from benchmarks.common import bench, main, row
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5
@@ -117,14 +117,4 @@ def run(quick: bool, device: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    results = run(args.quick, args.device)
-    print(f"{'case':<36} {'provider':<12} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8}")
-    for r in results:
-        print(f"{r['case']:<36} {r['provider']:<12} {r['median_ms']:>10.3f} {r['p20_ms']:>8.3f} {r['p80_ms']:>8.3f} "
-              f"{r.get('gbps', float('nan')):>8.3f}")
+    main(run, __doc__)

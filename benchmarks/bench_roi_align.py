@@ -26,9 +26,9 @@ import math
 
 import torch
 
-from benchmarks.common import bench, row
+from benchmarks.common import bench, main, row
 from fastmask.ops import multiscale_roi_align
-from fastmask.ops.roi_align import boxes_to_rois, infer_scales, multiscale_roi_align_ref
+from fastmask.ops.roi_align import boxes_to_rois, infer_scales, level_range, map_levels, multiscale_roi_align_ref
 
 OP = "multiscale_roi_align"
 STRIDES = (4, 8, 16, 32)
@@ -76,9 +76,7 @@ def floor_bytes(feats, boxes, image_sizes, output_size, esize):
     """(forward, backward) bytes-moved floors, as stated in the module docstring."""
     rois = boxes_to_rois([b.detach().double().cpu() for b in boxes])
     scales = infer_scales([f.shape[-2:] for f in feats], image_sizes)
-    k_min = int(-math.log2(scales[0]))
-    s = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    lvl = (torch.floor(4 + torch.log2(s / 224) + 1e-6).clamp(k_min, k_min + len(feats) - 1) - k_min).long()
+    lvl = map_levels(rois[:, 1:], *level_range(scales))
     n, c = feats[0].shape[:2]
     touched = 0
     for level, f in enumerate(feats):
@@ -166,14 +164,4 @@ def run(quick: bool, device: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    from benchmarks.run import add_ratios, environment, markdown
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, torchvision vs reference")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    results = run(args.quick or not args.device.startswith("cuda"), args.device)
-    add_ratios(results)
-    print(markdown(environment(args.device), results))
+    main(lambda quick, device: run(quick or not device.startswith("cuda"), device), __doc__)  # CPU: quick sizes

@@ -9,6 +9,7 @@ runs do not measure a cache holding one input.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 import time
@@ -56,3 +57,45 @@ def row(op: str, case: str, provider: str, dtype, timing: dict, nbytes: float | 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def table(rows: list[dict], columns: Sequence[str] = ()) -> str:
+    """Rows as a fixed-width text table: case, provider, dtype, the ``pass`` / ``layout`` keys
+    where rows have them, the timings and GB/s, the ``columns`` given, and the speed-up over
+    torchvision (``speedup_vs_torchvision``; blank where the case has no torchvision row)."""
+    keys = [k for k in ("pass", "layout") if any(k in r for r in rows)]
+
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    head = ["case", "provider", "dtype", *keys, "median ms", "p20-p80 ms", "GB/s", *columns, "vs torchvision"]
+    body = [[r["case"], r["provider"], r["dtype"], *(str(r.get(k, "")) for k in keys),
+             f"{r['median_ms']:.3f}", f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", fmt(r.get("gbps", "")),
+             *(fmt(r.get(k, "")) for k in columns),
+             f"{r['speedup_vs_torchvision']:.2f}x" if "speedup_vs_torchvision" in r else ""] for r in rows]
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    n_text = 3 + len(keys)  # text columns align left, numbers right
+    return "\n".join("  ".join(c.ljust(w) if i < n_text else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in [head, *body])
+
+
+def main(run_fn: Callable[[bool, str], list[dict]], doc: str, columns: Sequence[str] = ()):
+    """Command line of one ``bench_<op>.py``: ``--quick`` / ``--device``, run, print a table.
+
+    ``run_fn(quick, device)`` is the benchmark's ``run``; ``doc`` its module docstring (the
+    first line describes the command); ``columns``: row keys to show besides the standard ones.
+    Returns ``(rows, args)`` so that a benchmark can print lines of its own after the table.
+    """
+    from benchmarks.run import add_ratios, environment
+
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    rows = run_fn(args.quick, args.device)
+    add_ratios(rows)
+    env = environment(args.device)
+    print(f"{env['device']}: torch {env['torch']}, torchvision {env['torchvision']}, triton {env['triton']}, "
+          f"commit {env['commit']}")
+    print(table(rows, columns))
+    return rows, args

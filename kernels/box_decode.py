@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels._common import round_to_bf16
+
 # Elements one program handles. On the GPU: 1024 (box head) and 512 (proposals) keep every
 # thread busy at 4 warps; the proposal stage has only ~10k candidates, so it is launch-bound.
 # Under the interpreter each program costs a fixed overhead, so programs are made wide.
@@ -80,13 +82,11 @@ def _clip(v, hi):
 
 @triton.jit
 def _to_out(x, out_ptr):
-    # x rounded to out_ptr's element type, to nearest even. bf16 is rounded with integer ops:
-    # Triton's interpreter truncates fp32 -> bf16 casts, the GPU rounds; this is both.
+    # x rounded to out_ptr's element type, to nearest even (bf16 through round_to_bf16, the
+    # same in the interpreter and on the GPU).
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     if out_ty == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return round_to_bf16(x.to(tl.float32)).to(tl.bfloat16)
     else:
         return x.to(out_ty)
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._common import round_to_bf16
+
 # Tile of one output mask per program. Columns are the contiguous axis of the output, so
 # the tile is wide (coalesced stores) and short (tiles outside the box skip the gathers).
 # The tile holds BLOCK_BYTES of output (8 rows of fp32, 16 of fp16, 32 of bool), enough
@@ -36,13 +38,11 @@ MAX_COORD = tl.constexpr(float(1 << 29))
 def _round_to(x, BOX_DTYPE: tl.constexpr, CT: tl.constexpr):
     """Round ``x`` (in ``CT``) to the boxes' dtype and back: the store of a torch elementwise op.
 
-    bf16 rounds to nearest even through the bits (Triton's interpreter truncates when it
-    casts fp32 to bf16, the GPU rounds; this is the same on both).
+    bf16 rounds to nearest even through ``round_to_bf16`` (the same in the interpreter and on
+    the GPU).
     """
     if BOX_DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return round_to_bf16(x)
     else:
         return x.to(BOX_DTYPE).to(CT)
 

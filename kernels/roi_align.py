@@ -62,6 +62,74 @@ def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _level_geometry(
+    lvl, base0, base1, base2, base3, base4, scale0, scale1, scale2, scale3, scale4,
+    height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
+    height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
+    height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
+    height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
+    height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
+    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr,
+):
+    """Level ``lvl``'s geometry, chosen by select among the kernel's per-level arguments.
+
+    ``lvl``: a level index, scalar or per column; base0..base4: each level's base (a pointer
+    or an element offset into a flat buffer); only the first NUM_LEVELS levels are real.
+    Returns (base, scale, height, width, s_n, s_c, s_h, s_w), strides in elements (the
+    arguments times STRIDE_ALIGN); s_c is 1 when C_CONTIG (the channel strides are not passed).
+    Written out inline rather than through ``_pick``: in the interpreter every call of a
+    ``@triton.jit`` function costs about half a millisecond per program.
+    """
+    base, scale, height, width = base0, scale0, height0, width0
+    s_n, s_c, s_h, s_w = stride_n0, stride_c0, stride_h0, stride_w0
+    if NUM_LEVELS > 1:
+        sel = lvl == 1
+        base = tl.where(sel, base1, base)
+        scale = tl.where(sel, scale1, scale)
+        height = tl.where(sel, height1, height)
+        width = tl.where(sel, width1, width)
+        s_n = tl.where(sel, stride_n1, s_n)
+        s_c = tl.where(sel, stride_c1, s_c)
+        s_h = tl.where(sel, stride_h1, s_h)
+        s_w = tl.where(sel, stride_w1, s_w)
+    if NUM_LEVELS > 2:
+        sel = lvl == 2
+        base = tl.where(sel, base2, base)
+        scale = tl.where(sel, scale2, scale)
+        height = tl.where(sel, height2, height)
+        width = tl.where(sel, width2, width)
+        s_n = tl.where(sel, stride_n2, s_n)
+        s_c = tl.where(sel, stride_c2, s_c)
+        s_h = tl.where(sel, stride_h2, s_h)
+        s_w = tl.where(sel, stride_w2, s_w)
+    if NUM_LEVELS > 3:
+        sel = lvl == 3
+        base = tl.where(sel, base3, base)
+        scale = tl.where(sel, scale3, scale)
+        height = tl.where(sel, height3, height)
+        width = tl.where(sel, width3, width)
+        s_n = tl.where(sel, stride_n3, s_n)
+        s_c = tl.where(sel, stride_c3, s_c)
+        s_h = tl.where(sel, stride_h3, s_h)
+        s_w = tl.where(sel, stride_w3, s_w)
+    if NUM_LEVELS > 4:
+        sel = lvl == 4
+        base = tl.where(sel, base4, base)
+        scale = tl.where(sel, scale4, scale)
+        height = tl.where(sel, height4, height)
+        width = tl.where(sel, width4, width)
+        s_n = tl.where(sel, stride_n4, s_n)
+        s_c = tl.where(sel, stride_c4, s_c)
+        s_h = tl.where(sel, stride_h4, s_h)
+        s_w = tl.where(sel, stride_w4, s_w)
+    if C_CONTIG:
+        s_c = 1
+    else:
+        s_c = s_c * STRIDE_ALIGN
+    return base, scale, height, width, s_n * STRIDE_ALIGN, s_c, s_h * STRIDE_ALIGN, s_w * STRIDE_ALIGN
+
+
+@triton.jit
 def _load_rois(rois_ptr, k, col_ok, canonical_scale, canonical_level, k_min, k_max, NUM_LEVELS: tl.constexpr):
     """RoIs ``k`` (a vector, read where ``col_ok``): batch index, box and level index (0: finest).
 
@@ -188,20 +256,20 @@ def _roi_align_fwd_kernel(
 
     # Each column's level: pointer, sizes and strides by select, no per-level launch. A RoI
     # whose batch index or level is out of range pools zeros.
-    feat = _pick(lvl_pick, feat0, feat1, feat2, feat3, feat4, NUM_LEVELS)
-    scale = _pick(lvl_pick, scale0, scale1, scale2, scale3, scale4, NUM_LEVELS)
-    height = _pick(lvl_pick, height0, height1, height2, height3, height4, NUM_LEVELS)
-    width = _pick(lvl_pick, width0, width1, width2, width3, width4, NUM_LEVELS)
-    s_n = _pick(lvl_pick, stride_n0, stride_n1, stride_n2, stride_n3, stride_n4, NUM_LEVELS) * STRIDE_ALIGN
-    s_h = _pick(lvl_pick, stride_h0, stride_h1, stride_h2, stride_h3, stride_h4, NUM_LEVELS) * STRIDE_ALIGN
-    s_w = _pick(lvl_pick, stride_w0, stride_w1, stride_w2, stride_w3, stride_w4, NUM_LEVELS) * STRIDE_ALIGN
+    feat, scale, height, width, s_n, s_c, s_h, s_w = _level_geometry(
+        lvl_pick, feat0, feat1, feat2, feat3, feat4, scale0, scale1, scale2, scale3, scale4,
+        height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
+        height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
+        height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
+        height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
+        height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
+        NUM_LEVELS, STRIDE_ALIGN, C_CONTIG)
     col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
     base = feat + b.to(tl.int64) * s_n
     if C_CONTIG:
         chan = tl.expand_dims(offs_c, C_AXIS)
     else:
-        s_c = _pick(lvl_pick, stride_c0, stride_c1, stride_c2, stride_c3, stride_c4, NUM_LEVELS) * STRIDE_ALIGN + lvl * 0
-        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c, Q_AXIS)
+        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c + lvl * 0, Q_AXIS)
     c_ok = tl.expand_dims(offs_c < C, C_AXIS)
 
     start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
@@ -291,20 +359,22 @@ def _roi_align_bwd_kernel(
     else:
         lvl_pick = lvl
 
-    scale = _pick(lvl_pick, scale0, scale1, scale2, scale3, scale4, NUM_LEVELS)
-    height = _pick(lvl_pick, height0, height1, height2, height3, height4, NUM_LEVELS)
-    width = _pick(lvl_pick, width0, width1, width2, width3, width4, NUM_LEVELS)
-    g_off = _pick(lvl_pick, grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4, NUM_LEVELS)
-    s_n = _pick(lvl_pick, stride_n0, stride_n1, stride_n2, stride_n3, stride_n4, NUM_LEVELS) * STRIDE_ALIGN
-    s_h = _pick(lvl_pick, stride_h0, stride_h1, stride_h2, stride_h3, stride_h4, NUM_LEVELS) * STRIDE_ALIGN
-    s_w = _pick(lvl_pick, stride_w0, stride_w1, stride_w2, stride_w3, stride_w4, NUM_LEVELS) * STRIDE_ALIGN
+    # Each column's level, as the forward (the base is an offset into the flat gradient).
+    g_off, scale, height, width, s_n, s_c, s_h, s_w = _level_geometry(
+        lvl_pick, grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4,
+        scale0, scale1, scale2, scale3, scale4,
+        height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
+        height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
+        height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
+        height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
+        height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
+        NUM_LEVELS, STRIDE_ALIGN, C_CONTIG)
     col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
     base = grad_ptr + g_off.to(tl.int64) + b.to(tl.int64) * s_n
     if C_CONTIG:
         chan = tl.expand_dims(offs_c, C_AXIS)
     else:
-        s_c = _pick(lvl_pick, stride_c0, stride_c1, stride_c2, stride_c3, stride_c4, NUM_LEVELS) * STRIDE_ALIGN + lvl * 0
-        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c, Q_AXIS)
+        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c + lvl * 0, Q_AXIS)
     c_ok = tl.expand_dims(offs_c < C, C_AXIS)
 
     start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
@@ -413,20 +483,21 @@ def _roi_align_bwd_det_kernel(
         lvl += (pid >= tile_start3).to(tl.int32)
     if NUM_LEVELS > 4:
         lvl += (pid >= tile_start4).to(tl.int32)
-    scale = _pick(lvl, scale0, scale1, scale2, scale3, scale4, NUM_LEVELS)
-    height = _pick(lvl, height0, height1, height2, height3, height4, NUM_LEVELS)
-    width = _pick(lvl, width0, width1, width2, width3, width4, NUM_LEVELS)
     first_tile = _pick(lvl, tile_start0, tile_start1, tile_start2, tile_start3, tile_start4, NUM_LEVELS)
-    g_off = _pick(lvl, grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4, NUM_LEVELS)
-    s_n = _pick(lvl, stride_n0, stride_n1, stride_n2, stride_n3, stride_n4, NUM_LEVELS) * STRIDE_ALIGN
-    s_h = _pick(lvl, stride_h0, stride_h1, stride_h2, stride_h3, stride_h4, NUM_LEVELS) * STRIDE_ALIGN
-    s_w = _pick(lvl, stride_w0, stride_w1, stride_w2, stride_w3, stride_w4, NUM_LEVELS) * STRIDE_ALIGN
+    g_off, scale, height, width, s_n, s_c, s_h, s_w = _level_geometry(
+        lvl, grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4,
+        scale0, scale1, scale2, scale3, scale4,
+        height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
+        height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
+        height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
+        height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
+        height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
+        NUM_LEVELS, STRIDE_ALIGN, C_CONTIG)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if C_CONTIG:
         c_off = offs_c
     else:
-        c_off = offs_c * (_pick(lvl, stride_c0, stride_c1, stride_c2, stride_c3, stride_c4, NUM_LEVELS)
-                          * STRIDE_ALIGN)
+        c_off = offs_c * s_c
     c_ok = offs_c < C
 
     tiles_x = tl.cdiv(width, TILE_W)

@@ -36,14 +36,6 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
 
 
-def check_same_dtype(**tensors: torch.Tensor) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; they must match")
-
-
 def check_finite(name: str, value: torch.Tensor) -> None:
     """Raise if ``value`` holds NaN or infinity (CPU tensors only; see the module docstring)."""
     if value.device.type == "cpu" and value.numel() and not bool(torch.isfinite(value).all()):

@@ -151,10 +151,9 @@ class AnchorGenerator(nn.Module):
 
     def cell_values(self, dtype: torch.dtype = torch.float32) -> tuple:
         """Per level, the cell anchors in ``dtype`` as host floats (cached; see AnchorGeometry)."""
-        if dtype not in self._value_cache:
-            self._value_cache[dtype] = tuple(
-                tuple(tuple(row) for row in self.generate_anchors(s, r).to(dtype).double().tolist())
-                for s, r in zip(self.sizes, self.aspect_ratios))
+        if dtype not in self._value_cache:  # read from the CPU copy: no device sync
+            self._value_cache[dtype] = tuple(tuple(tuple(row) for row in a.double().tolist())
+                                             for a in self.cell_anchors(dtype, "cpu"))
         return self._value_cache[dtype]
 
     def num_anchors_per_location(self) -> list[int]:

@@ -11,10 +11,20 @@ IoU is computed operation by operation as torchvision's CPU kernel does, in the 
 (fp16/bf16 boxes in fp32): ``area = (x2 - x1) * (y2 - y1)``,
 ``inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))``,
 ``iou = inter / (area_i + area_j - inter)``, and ``iou > iou_threshold`` is decided in
-float64. The reference and the Triton kernels round the same way, so both keep exactly
-torchvision's CPU indices, on every device. (torchvision's CUDA kernel sorts unstably, so
-where scores are equal it may keep another box than its CPU kernel; fastmask keeps the
-CPU's choice.)
+float64. The reference and the Triton kernels round the same way, on every device, so:
+
+- ``nms`` keeps exactly the indices of ``torchvision.ops.nms`` on the CPU. (torchvision's
+  CUDA kernel sorts unstably, so where scores are equal it may keep another box than its
+  CPU kernel; fastmask keeps the CPU's choice.)
+- ``batched_nms`` (and ``nms_keep_mask`` with ``idxs``) keeps exactly the boxes of
+  torchvision's per-class NMS, ``torchvision.ops.nms`` run on each class's boxes: what
+  ``torchvision.ops.batched_nms`` itself computes above 1000 boxes on the CPU and above
+  25,000 on CUDA (``boxes.numel() > 4000`` / ``> 100_000``; 5,000 on CUDA before
+  torchvision 0.22). Below those sizes torchvision instead shifts each box by its class
+  times (max coordinate + 1) and runs one NMS; the shifted fp32 coordinates are rounded,
+  which moves IoUs by up to about 1e-3 for small boxes at box-head coordinates, so there
+  torchvision's own ``batched_nms`` can keep or drop a box whose IoU is that close to the
+  threshold where the per-class result does not.
 
 The reference (``nms_ref``, ``nms_keep_mask_ref``) sorts the boxes once and resolves them in
 tiles of ``REF_TILE`` sorted boxes: a tile is first suppressed by the boxes already kept in
@@ -57,11 +67,12 @@ def _check_threshold(iou_threshold) -> float:
     return thr
 
 
-def _check_inputs(boxes, scores, iou_threshold, idxs=None, valid=None, *, batched_ok=False) -> float:
+def _check_inputs(boxes, scores, iou_threshold, idxs=None, valid=None, *, batched_ok=False,
+                  idxs_required=False) -> float:
     """Validate NMS inputs; returns the threshold as a float.
 
     ``boxes``: Tensor[N, 4] (or Tensor[B, N, 4] when ``batched_ok``); ``scores``, ``idxs`` and
-    ``valid`` have the boxes' leading shape.
+    ``valid`` have the boxes' leading shape. ``idxs`` may be None unless ``idxs_required``.
     """
     check_tensor("boxes", boxes, last_dim=4)
     if boxes.dim() != 2 and not (batched_ok and boxes.dim() == 3):
@@ -72,7 +83,7 @@ def _check_inputs(boxes, scores, iou_threshold, idxs=None, valid=None, *, batche
     if tuple(scores.shape) != lead:
         raise ValueError(f"scores must have shape {list(lead)} to match boxes {tuple(boxes.shape)}, "
                          f"got {tuple(scores.shape)}")
-    if idxs is not None:
+    if idxs is not None or idxs_required:
         check_tensor("idxs", idxs, dtypes=INDEX_DTYPES)
         if tuple(idxs.shape) != lead:
             raise ValueError(f"idxs must have shape {list(lead)} to match boxes {tuple(boxes.shape)}, "
@@ -224,10 +235,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     ``boxes``: Tensor[N, 4]; ``scores``: Tensor[N]; ``idxs``: integer Tensor[N], the class of
     each box (boxes of different classes never suppress each other). Returns int64 Tensor[K],
-    the kept indices by decreasing score.
+    the kept indices by decreasing score. The kept set is exactly torchvision's per-class
+    NMS; on small inputs ``torchvision.ops.batched_nms`` offsets coordinates by class instead,
+    which can differ for IoUs within about 1e-3 of the threshold (see the module docstring).
     """
-    check_tensor("idxs", idxs, dtypes=INDEX_DTYPES)
-    thr = _check_inputs(boxes, scores, iou_threshold, idxs)
+    thr = _check_inputs(boxes, scores, iou_threshold, idxs, idxs_required=True)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if _use_triton(backend, boxes, "batched_nms"):

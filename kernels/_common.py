@@ -1,0 +1,19 @@
+"""``@triton.jit`` helpers shared by several kernels of ``kernels/``."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 (ties to even), returned as fp32.
+
+    The rounding is done on the bits with integer ops: Triton's interpreter truncates fp32 ->
+    bf16 casts while the GPU rounds, and this is the same on both. The result is exactly
+    representable in bf16, so a later cast to bf16 is exact everywhere.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

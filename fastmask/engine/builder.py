@@ -1,0 +1,141 @@
+"""The model, optimizer and learning-rate schedule of a run, built from its config."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, SolverConfig
+from .checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# torchvision's head sizes: a model that keeps them has torchvision's state_dict layout.
+DEFAULT_FPN_CHANNELS = 256
+DEFAULT_BOX_HEAD_DIM = 1024
+DEFAULT_MASK_HEAD = [256, 256, 256, 256]
+DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+
+
+def model_arch(cfg: ModelConfig, num_classes: int) -> dict:
+    """The settings that fix the model's tensor shapes (stored in checkpoints and compared on load)."""
+    return {"backbone": cfg.backbone, "norm": cfg.norm, "fpn_channels": cfg.fpn_channels,
+            "box_head_dim": cfg.box_head_dim, "mask_head_channels": list(cfg.mask_head_channels),
+            "num_classes": num_classes}
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """``fastmask.models.build_mask_rcnn`` with the config's backbone, sizes and options.
+
+    Lighter heads than torchvision's (``fpn_channels``, ``box_head_dim``,
+    ``mask_head_channels``) are made from the same model classes; such a model trains and
+    evaluates like any other but no longer loads torchvision checkpoints.
+    """
+    from ..models import build_mask_rcnn
+    from ..models.fpn import ResNetFPN
+    from ..models.roi_heads import FastRCNNPredictor, MaskRCNNHeads, MaskRCNNPredictor, TwoMLPHead
+
+    kwargs = dict(cfg.options)
+    kwargs["min_size"] = tuple(cfg.min_size) if isinstance(cfg.min_size, list) else cfg.min_size
+    kwargs["max_size"] = cfg.max_size
+    backbone = cfg.backbone
+    if cfg.fpn_channels != DEFAULT_FPN_CHANNELS:
+        backbone = ResNetFPN(DEPTHS[cfg.backbone], cfg.norm, cfg.trainable_layers, out_channels=cfg.fpn_channels)
+    try:
+        model = build_mask_rcnn(num_classes, backbone=backbone, norm=cfg.norm, trainable_layers=cfg.trainable_layers,
+                                backend=cfg.backend, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.options holds a keyword the model does not take: {exc}") from None
+    heads = model.roi_heads
+    if cfg.box_head_dim != DEFAULT_BOX_HEAD_DIM:
+        pooled = heads.box_head.fc6.in_features
+        heads.box_head = TwoMLPHead(pooled, cfg.box_head_dim)
+        heads.box_predictor = FastRCNNPredictor(cfg.box_head_dim, num_classes)
+    if list(cfg.mask_head_channels) != DEFAULT_MASK_HEAD:
+        width = cfg.mask_head_channels[-1]
+        heads.mask_head = MaskRCNNHeads(cfg.fpn_channels, cfg.mask_head_channels)
+        heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes)
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> None:
+    """ImageNet weights of the ResNet alone (torchvision's ``resnet50`` layout; ``fc.*`` ignored)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"backbone weights {path!r} do not exist") from None
+    except Exception as exc:  # torch.load raises many types for a foreign or truncated file
+        raise CheckpointError(f"backbone weights {path!r} cannot be read: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"backbone weights {path!r} are not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    body = model.backbone.body
+    own = body.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"backbone weights {path!r} do not fit a {model_backbone_name(model)} trunk: "
+                              f"missing {missing[:4]}, unexpected {unexpected[:4]}, shapes differ {shapes[:4]}")
+    body.load_state_dict(state)
+
+
+def model_backbone_name(model: nn.Module) -> str:
+    return type(model.backbone.body).__name__
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm)
+
+
+def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum; normalisation parameters get ``weight_decay_norm`` (when set)."""
+    norm_params, other = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (norm_params if isinstance(module, NORM_TYPES) else other).append(p)
+    wd_norm = cfg.weight_decay if cfg.weight_decay_norm is None else cfg.weight_decay_norm
+    groups = [{"params": other, "weight_decay": cfg.weight_decay}]
+    if norm_params:
+        groups.append({"params": norm_params, "weight_decay": wd_norm})
+    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum)
+
+
+class LRSchedule:
+    """Multiplier of ``base_lr`` at an iteration: linear warmup, then step or cosine decay.
+
+    A plain object (not a lambda) so that ``LambdaLR.state_dict()`` saves it in checkpoints.
+    """
+
+    def __init__(self, cfg: SolverConfig):
+        self.max_iter = cfg.max_iter
+        self.warmup_iters = cfg.warmup_iters
+        self.warmup_factor = cfg.warmup_factor
+        self.schedule = cfg.schedule
+        self.steps = list(cfg.steps)
+        self.gamma = cfg.gamma
+        self.min_lr_factor = cfg.min_lr_factor
+
+    def __call__(self, it: int) -> float:
+        if self.schedule == "step":
+            factor = self.gamma ** sum(1 for s in self.steps if it >= s)
+        else:
+            t = min(it, self.max_iter) / max(self.max_iter, 1)
+            factor = self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        if it < self.warmup_iters:
+            alpha = it / self.warmup_iters
+            factor *= self.warmup_factor * (1 - alpha) + alpha
+        return factor
+
+
+def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg))

@@ -1,0 +1,135 @@
+"""Training checkpoints: written atomically, read with clear errors.
+
+A checkpoint is one ``torch.save`` file holding a dict:
+
+- ``model``: the model's ``state_dict`` (torchvision's key names, no DDP prefix);
+- ``optimizer``, ``scheduler``, ``scaler``: their ``state_dict``s;
+- ``rng``: one entry per rank with the Python, NumPy, torch CPU and CUDA generator states;
+- ``iteration``: completed iterations; ``config``: the run's config as a dict;
+- ``meta``: ``num_classes``, ``class_names``, ``label_to_cat_id`` and ``arch`` (the model
+  settings that decide the tensor shapes), so evaluation and prediction need nothing else.
+
+It is written to a temporary file in the same folder, flushed to disk and renamed over the
+old one, so a crash or a full disk never leaves a truncated checkpoint in its place.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "fastmask-checkpoint-1"
+LAST = "checkpoint.pth"      # the latest checkpoint of a run, rewritten at every save
+FINAL = "model_final.pth"    # the end of a finished run
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A fastmask checkpoint (on the CPU), or :class:`CheckpointError` saying why not."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    # torch.save writes a zip archive; a truncated or foreign file fails this check.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a PyTorch checkpoint file (truncated or corrupt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("Weights only load failed.")[-1].strip().splitlines()
+        raise CheckpointError(f"checkpoint {path!r} holds objects other than tensors and plain containers, so it "
+                              f"is not a fastmask checkpoint{': ' + reason[0] if reason else ''}") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} cannot be read (truncated or corrupt): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path!r} is not a fastmask training checkpoint (no {FORMAT!r} format "
+                              "tag); to start from other weights use --weights")
+    return ckpt
+
+
+def check_architecture(ckpt: dict, arch: dict, path: str) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint's model settings differ from ``arch``."""
+    saved = ckpt.get("meta", {}).get("arch", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {arch[k]!r}" for k in sorted(arch) if saved.get(k) != arch[k]]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path!r} was made for another architecture ({'; '.join(diffs)})")
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Strict ``load_state_dict`` whose failure names the file and a few keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:4]}")
+        if shapes:
+            parts.append("shapes differ for " + ", ".join(
+                f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:4]))
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    """random.setstate needs tuples where a round trip through a file may give lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value

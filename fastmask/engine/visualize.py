@@ -1,0 +1,79 @@
+"""Overlays of detections on an image: translucent masks with outlines, boxes, class names and scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Distinct, saturated colours (one per instance, in turn).
+PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (0, 0, 128), (128, 128, 128),
+]
+MASK_ALPHA = 0.45
+# Small images are enlarged (by a whole factor) until the shorter side reaches this, so the
+# labels stay legible.
+MIN_DISPLAY_SIDE = 480
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, labels, scores, masks: np.ndarray | None,
+                    class_names: list[str]) -> Image.Image:
+    """``image`` uint8 [H, W, 3]; ``boxes`` [N, 4] ``(x1, y1, x2, y2)``; ``masks`` bool [N, H, W] or None."""
+    h, w = image.shape[:2]
+    scale = max(1, math.ceil(MIN_DISPLAY_SIDE / max(1, min(h, w))))
+    canvas = image
+    if scale > 1:  # the photo smoothly, the masks below by repetition (their edges stay exact)
+        canvas = np.asarray(Image.fromarray(image).resize((w * scale, h * scale), Image.BILINEAR))
+    canvas = canvas.astype(np.float32)
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")  # best drawn last, on top
+    colours = {int(i): np.array(PALETTE[rank % len(PALETTE)], np.float32)
+               for rank, i in enumerate(order[::-1])}
+    if masks is not None:
+        for i in order:
+            m = masks[i]
+            if scale > 1:
+                m = m.repeat(scale, 0).repeat(scale, 1)
+            c = colours[int(i)]
+            canvas[m] = canvas[m] * (1 - MASK_ALPHA) + c * MASK_ALPHA
+            canvas[_outline(m)] = c
+    out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    font_size = max(11, round(min(out.size) / 40))
+    font = _font(font_size)
+    line = max(1, round(font_size / 8))
+    for i in order:
+        colour = tuple(int(v) for v in colours[int(i)])
+        x1, y1, x2, y2 = (float(v) * scale for v in boxes[i])
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        name = class_names[int(labels[i])] if int(labels[i]) < len(class_names) else str(int(labels[i]))
+        text = f"{name} {float(scores[i]):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        tx = min(max(x1, 0), out.width - tw - 4)
+        ty = y1 - th - 4 if y1 - th - 4 >= 0 else min(y1 + line, out.height - th - 4)
+        draw.rectangle([tx, ty, tx + tw + 4, ty + th + 4], fill=colour)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((tx + 2 - left, ty + 2 - top), text, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255),
+                  font=font)
+    return out

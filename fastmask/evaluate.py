@@ -1,0 +1,79 @@
+"""``python -m fastmask.evaluate --checkpoint CKPT``: COCO box and mask AP of a checkpoint.
+
+The model and the validation data come from the config stored in the checkpoint; change
+them with ``--config`` / ``--set`` (for example ``--set data.val.annotations=B.json
+data.val.images=DIR``). Prints COCOeval's two 12-number tables (bbox, segm) and writes them
+as JSON (``--out``, default ``eval_<checkpoint name>.json`` next to the checkpoint).
+Runs on several processes under ``torchrun`` too (each evaluates a share of the images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .engine.cli import add_config_arguments, load_for_inference, run_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastmask.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a fastmask checkpoint (.pth)")
+    add_config_arguments(parser, default_config=None)
+    parser.add_argument("--out", default=None, metavar="JSON", help="where to write the results")
+    parser.add_argument("--device", default=None, help="device (default: the config's, 'auto': GPU if present)")
+    return parser
+
+
+def main(argv=None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    result: dict = {}
+
+    def run():
+        import torch
+
+        from .data import DatasetError, build_dataset
+        from .engine import distributed as du
+        from .engine.evaluation import evaluate, format_tables
+        from .engine.trainer import autocast_dtype, main_process_first
+
+        info = du.env_dist_info()
+        if args.device is not None:
+            args.overrides.append(f"device={args.device}")
+        model, cfg, meta = load_for_inference(args.checkpoint, args)
+        device = du.resolve_device(cfg.device, info)
+        model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
+        du.init_distributed(device, info)
+        try:
+            dataset = main_process_first(lambda: build_dataset(cfg.data, "val", train=False), info)
+            expected = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
+            if dataset.label_to_cat_id != expected:
+                raise DatasetError(f"the categories of {dataset.annotation_file!r} (ids {dataset.cat_ids}) differ "
+                                   f"from those the checkpoint was trained on (ids {sorted(expected.values())})")
+            out = evaluate(model, dataset, device, num_workers=cfg.data.num_workers,
+                           autocast_dtype=autocast_dtype(cfg.solver.amp, device))
+        finally:
+            du.cleanup()
+        if out is None:
+            return
+        print(f"{args.checkpoint}: {len(dataset)} images of {dataset.annotation_file}")
+        print(format_tables(out))
+        ckpt = Path(args.checkpoint)
+        path = Path(args.out) if args.out else ckpt.with_name(f"eval_{ckpt.stem}.json")
+        record = {"checkpoint": str(args.checkpoint), "annotations": dataset.annotation_file,
+                  **{k: v for k, v in out.items() if k != "tables"}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+        result.update(out)
+
+    run_command(run)
+    return result
+
+
+if __name__ == "__main__":
+    main()

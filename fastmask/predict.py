@@ -1,0 +1,115 @@
+"""``python -m fastmask.predict IMAGE... --checkpoint CKPT --out DIR``: detect and draw.
+
+For each image writes ``DIR/<name>.png``: the image with each detected object's mask
+(translucent, outlined), box, class name and score. Also writes ``DIR/results.json``:
+the detections in COCO results format (``image_id`` counts the images from 1 in the order
+given; ``file_name`` names the image; masks as compressed RLE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .engine.cli import add_config_arguments, load_for_inference, run_command
+
+# Detections listed per image on the console (all of them go to results.json).
+MAX_PRINTED = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastmask.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a fastmask checkpoint (.pth)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays and results.json")
+    parser.add_argument("--score-thresh", type=float, default=0.5,
+                        help="keep detections at least this confident (default 0.5; 0 keeps all)")
+    parser.add_argument("--device", default=None, help="device (default: the config's, 'auto': GPU if present)")
+    add_config_arguments(parser, default_config=None)
+    return parser
+
+
+def read_image(path: str):
+    """uint8 Tensor[3, H, W] of an image file, or DatasetError naming it."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import DatasetError
+
+    try:
+        with Image.open(path) as im:
+            array = np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"image file {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"image file {path!r} cannot be read: {exc}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    results: list[dict] = []
+
+    def run():
+        import torch
+
+        from .engine import distributed as du
+        from .engine.evaluation import MASK_THRESHOLD, detections_to_coco, images_to_device
+        from .engine.trainer import autocast_dtype
+        from .engine.visualize import draw_detections
+
+        if not 0.0 <= args.score_thresh <= 1.0:
+            raise SystemExit(f"error: --score-thresh must be in [0, 1], got {args.score_thresh}")
+        images = [read_image(p) for p in args.images]  # every file is checked before the model loads
+        if args.device is not None:
+            args.overrides.append(f"device={args.device}")
+        model, cfg, meta = load_for_inference(args.checkpoint, args)
+        device = du.resolve_device(cfg.device, du.DistInfo())
+        model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
+        model.mask_threshold = MASK_THRESHOLD
+        amp = autocast_dtype(cfg.solver.amp, device)
+        class_names = list(meta["class_names"])
+        label_to_cat = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
+        cat_names = {cat: class_names[label] for label, cat in label_to_cat.items()}
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for k, (path, image) in enumerate(zip(args.images, images)):
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                det = model(images_to_device([image], device))[0]
+            keep = det["scores"] >= args.score_thresh
+            det = {key: v[keep] for key, v in det.items()}
+            boxes, segms = detections_to_coco(det, k + 1, label_to_cat)
+            for b, s in zip(boxes, segms):
+                results.append({"image_id": k + 1, "file_name": str(path), "category_id": b["category_id"],
+                                "category_name": cat_names[b["category_id"]],
+                                "bbox": b["bbox"], "score": b["score"], "segmentation": s["segmentation"]})
+            overlay = draw_detections(image.permute(1, 2, 0).numpy(), det["boxes"].float().cpu().numpy(),
+                                      det["labels"].cpu().tolist(), det["scores"].float().cpu().tolist(),
+                                      det["masks"][:, 0].cpu().numpy(), class_names)
+            name = Path(path).stem
+            if name in used:
+                name = f"{name}_{k + 1}"
+            used.add(name)
+            overlay.save(out_dir / f"{name}.png")
+            found = ", ".join(f"{class_names[int(l)]} {float(s):.2f}"
+                              for l, s in zip(det["labels"][:MAX_PRINTED].tolist(), det["scores"].tolist()))
+            if len(det["scores"]) > MAX_PRINTED:
+                found += ", ..."
+            print(f"{path}: {len(det['scores'])} object(s){': ' + found if found else ''} -> "
+                  f"{out_dir / (name + '.png')}")
+        tmp = out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results))
+        os.replace(tmp, out_dir / "results.json")
+        print(f"wrote {out_dir / 'results.json'} ({len(results)} detections)")
+
+    run_command(run)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -53,13 +53,26 @@ def small_pair():
     return _run_pair(3, [(190, 250), (230, 210)], score_thresh=0.0, seed=3)
 
 
+def _rows_sorted(boxes):
+    """Rows in lexicographic order of (x1, y1, x2, y2)."""
+    for col in (3, 2, 1, 0):
+        boxes = boxes[torch.sort(boxes[:, col], stable=True).indices]
+    return boxes
+
+
 def _check_outputs(pair, what):
     tv_props, our_props = pair["proposals"]
     worst = {}
     for i, (p, q) in enumerate(zip(tv_props, our_props)):
-        assert len(p) > 0
-        assert_close_verbose(q, p, ATOL, RTOL, f"{what}: proposals of image {i}")
-        worst["proposals"] = max(worst.get("proposals", 0.0), (q - p).abs().max().item())
+        assert len(p) > 0 and q.shape == p.shape, f"{what}: proposals of image {i}: {tuple(q.shape)} vs {tuple(p.shape)}"
+        # Proposals with exactly equal objectness may come in either order (torchvision's
+        # CPU sort does not fix the order of ties, ours is stable): rows that differ by
+        # position must be the same boxes, reordered among themselves.
+        moved = ~torch.isclose(q, p, atol=ATOL, rtol=RTOL).all(dim=1)
+        assert moved.sum() <= 0.05 * len(p), f"{what}: proposals of image {i}: {int(moved.sum())} rows out of place"
+        assert_close_verbose(_rows_sorted(q[moved]), _rows_sorted(p[moved]), ATOL, RTOL,
+                             f"{what}: reordered proposals of image {i}")
+        worst["proposals"] = max(worst.get("proposals", 0.0), (_rows_sorted(q) - _rows_sorted(p)).abs().max().item())
     for i, (e, r) in enumerate(zip(pair["expected"], pair["got"])):
         assert set(r) == {"boxes", "labels", "scores", "masks"}
         assert len(e["boxes"]) > 0, "the test model should detect something"

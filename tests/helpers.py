@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -46,3 +47,19 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
         err = (a - e).abs()[bad].max().item()
         raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} values differ (max abs err {err:.3g}, "
                              f"atol {atol}, rtol {rtol}):\n{rows}")
+
+
+def pyramid_boxes(k, image_hw, seed, device="cpu"):
+    """Boxes whose sizes spread over every level, some partly outside the image, plus boxes
+    whose sqrt(area) is exactly 224 * 2**j (on the boundary between two levels)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    side = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(math.log(6), math.log(400), generator=g))
+    aspect = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(-0.7, 0.7, generator=g))
+    bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
+    x1 = torch.rand(k, generator=g, dtype=torch.float64) * w - bw / 4
+    y1 = torch.rand(k, generator=g, dtype=torch.float64) * h - bh / 4
+    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    edge = torch.tensor([[5.0, 7.0, 5.0 + 224 * 2.0 ** j, 7.0 + 224 * 2.0 ** j] for j in (-2, -1, 0, 1)]
+                        + [[3.0, 2.0, 3.0 + 112.0, 2.0 + 448.0]], dtype=torch.float64)
+    return torch.cat([boxes, edge]).float().to(device)

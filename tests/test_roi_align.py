@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import TOL, assert_close_verbose, random_boxes
+from helpers import TOL, assert_close_verbose, pyramid_boxes, random_boxes
 
 from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
 from fastmask.ops.roi_align import boxes_to_rois, map_levels, roi_align_ref
@@ -131,22 +131,6 @@ def make_pyramid(n, c, image_hw, strides=(4, 8, 16, 32), dtype=torch.float32, se
     g = torch.Generator().manual_seed(seed)
     h, w = image_hw
     return [torch.randn(n, c, math.ceil(h / s), math.ceil(w / s), generator=g, dtype=dtype) for s in strides]
-
-
-def pyramid_boxes(k, image_hw, seed):
-    """Boxes of sizes spread over every FPN level, plus boxes exactly on level boundaries."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = image_hw
-    side = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(math.log(4), math.log(600), generator=g))
-    aspect = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(-1, 1, generator=g))
-    bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
-    x1 = torch.rand(k, generator=g, dtype=torch.float64) * w - bw / 3
-    y1 = torch.rand(k, generator=g, dtype=torch.float64) * h - bh / 3
-    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
-    # sqrt(area) = 224 * 2**j: exactly on the boundary between levels 4 + j - 1 and 4 + j.
-    edge = torch.tensor([[10.0, 12.0, 10.0 + 224 * 2.0 ** j, 12.0 + 224 * 2.0 ** j] for j in (-2, -1, 0, 1)],
-                        dtype=torch.float64)
-    return torch.cat([boxes, edge]).float()
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3, 4])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import TOL, TRITON_DEVICES, assert_close_verbose, random_boxes, requires_cuda
+from helpers import TOL, TRITON_DEVICES, assert_close_verbose, pyramid_boxes, random_boxes, requires_cuda
 
 from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
 from fastmask.ops.roi_align import boxes_to_rois, infer_scales, level_range, map_levels, multiscale_roi_align_ref
@@ -47,22 +47,6 @@ def make_pyramid(n, c, levels, layout="nchw", dtype=torch.float32, seed=0, devic
     h, w = IMAGE_HW
     feats = [torch.randn(n, c, math.ceil(h / s), math.ceil(w / s), generator=g) for s in (4, 8, 16, 32)[:levels]]
     return [to_layout(f.to(dtype=dtype, device=device), layout) for f in feats]
-
-
-def pyramid_boxes(k, image_hw, seed, device="cpu"):
-    """Boxes whose sizes spread over every level, some partly outside the image, plus boxes
-    whose sqrt(area) is exactly 224 * 2**j (on the boundary between two levels)."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = image_hw
-    side = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(math.log(6), math.log(400), generator=g))
-    aspect = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(-0.7, 0.7, generator=g))
-    bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
-    x1 = torch.rand(k, generator=g, dtype=torch.float64) * w - bw / 4
-    y1 = torch.rand(k, generator=g, dtype=torch.float64) * h - bh / 4
-    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
-    edge = torch.tensor([[5.0, 7.0, 5.0 + 224 * 2.0 ** j, 7.0 + 224 * 2.0 ** j] for j in (-2, -1, 0, 1)]
-                        + [[3.0, 2.0, 3.0 + 112.0, 2.0 + 448.0]], dtype=torch.float64)
-    return torch.cat([boxes, edge]).float().to(device)
 
 
 def tv_multiscale(feats, boxes, output_size, sampling_ratio, image_sizes=IMAGE_SIZES):

@@ -47,6 +47,8 @@ class SyntheticConfig:
     min_object_frac: float = 0.08  # object size as a fraction of the shorter side
     max_object_frac: float = 0.5
     classes: list[str] = field(default_factory=lambda: ["circle", "rectangle", "triangle"])
+    max_occlusion: float = 0.5     # a new shape may hide at most this fraction of an earlier one
+    texture_contrast: float = 45.0  # strongest background texture amplitude (0..255 scale)
     seed: int = 0
     cache_dir: str = ".cache/fastmask/synthetic"
 
@@ -90,9 +92,6 @@ class ModelConfig:
     # mismatched predictor tensors skipped) and/or ImageNet weights of the ResNet alone.
     weights: str | None = None
     backbone_weights: str | None = None
-    # Keep weights and feature maps in channels-last (NHWC) layout: ~20% faster convolutions
-    # on the CPU (oneDNN) and the layout tensor cores prefer.
-    channels_last: bool = False
 
 
 @dataclass
@@ -242,6 +241,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     syn = cfg.data.synthetic
     if syn.max_objects < syn.min_objects:
         raise ConfigError("data.synthetic.max_objects must be >= data.synthetic.min_objects")
+    if not 0 <= syn.max_occlusion < 1:
+        raise ConfigError(f"data.synthetic.max_occlusion must be in [0, 1), got {syn.max_occlusion}")
+    if not 0 <= syn.texture_contrast <= 255:
+        raise ConfigError(f"data.synthetic.texture_contrast must be in [0, 255], got {syn.texture_contrast}")
     if not 0 < syn.min_object_frac <= syn.max_object_frac <= 1:
         raise ConfigError("data.synthetic needs 0 < min_object_frac <= max_object_frac <= 1")
     if not 0 <= cfg.data.hflip_prob <= 1:

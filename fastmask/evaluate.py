@@ -32,19 +32,17 @@ def main(argv=None) -> dict | None:
     result: dict = {}
 
     def run():
-        import torch
-
         from .data import DatasetError, build_dataset
         from .engine import distributed as du
         from .engine.evaluation import evaluate, format_tables
-        from .engine.trainer import autocast_dtype, main_process_first
+        from .engine.trainer import autocast_dtype, main_process_first, torch_threads
 
         info = du.env_dist_info()
         if args.device is not None:
             args.overrides.append(f"device={args.device}")
         model, cfg, meta = load_for_inference(args.checkpoint, args)
         device = du.resolve_device(cfg.device, info)
-        model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
+        model.to(device)
         du.init_distributed(device, info)
         try:
             dataset = main_process_first(lambda: build_dataset(cfg.data, "val", train=False), info)
@@ -52,8 +50,9 @@ def main(argv=None) -> dict | None:
             if dataset.label_to_cat_id != expected:
                 raise DatasetError(f"the categories of {dataset.annotation_file!r} (ids {dataset.cat_ids}) differ "
                                    f"from those the checkpoint was trained on (ids {sorted(expected.values())})")
-            out = evaluate(model, dataset, device, num_workers=cfg.data.num_workers,
-                           autocast_dtype=autocast_dtype(cfg.solver.amp, device))
+            with torch_threads(cfg.num_threads):
+                out = evaluate(model, dataset, device, num_workers=cfg.data.num_workers,
+                               autocast_dtype=autocast_dtype(cfg.solver.amp, device))
         finally:
             du.cleanup()
         if out is None:

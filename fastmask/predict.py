@@ -59,7 +59,7 @@ def main(argv=None) -> list[dict]:
 
         from .engine import distributed as du
         from .engine.evaluation import MASK_THRESHOLD, detections_to_coco, images_to_device
-        from .engine.trainer import autocast_dtype
+        from .engine.trainer import autocast_dtype, torch_threads
         from .engine.visualize import draw_detections
 
         if not 0.0 <= args.score_thresh <= 1.0:
@@ -69,7 +69,7 @@ def main(argv=None) -> list[dict]:
             args.overrides.append(f"device={args.device}")
         model, cfg, meta = load_for_inference(args.checkpoint, args)
         device = du.resolve_device(cfg.device, du.DistInfo())
-        model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
+        model.to(device)
         model.mask_threshold = MASK_THRESHOLD
         amp = autocast_dtype(cfg.solver.amp, device)
         class_names = list(meta["class_names"])
@@ -79,7 +79,8 @@ def main(argv=None) -> list[dict]:
         out_dir.mkdir(parents=True, exist_ok=True)
         used: set[str] = set()
         for k, (path, image) in enumerate(zip(args.images, images)):
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with torch_threads(cfg.num_threads), torch.no_grad(), \
+                    torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 det = model(images_to_device([image], device))[0]
             keep = det["scores"] >= args.score_thresh
             det = {key: v[keep] for key, v in det.items()}

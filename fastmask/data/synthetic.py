@@ -5,9 +5,10 @@ smooth blotches, plus pixel noise) and 1 to ``max_objects`` shapes (circles, rot
 rectangles, triangles, ...) of random colour and shading, sized ``min_object_frac`` to
 ``max_object_frac`` of the shorter image side. Shapes may overlap: a later shape hides part of
 an earlier one and the earlier one's mask keeps only what is visible; a placement that would
-hide more than half of an earlier shape is drawn again elsewhere, so every visible shape is
-annotated. Everything is drawn from ``numpy.random.default_rng((seed, split, index))``, so
-the dataset is the same on every machine and in every process.
+hide more than ``max_occlusion`` of an earlier shape is drawn again elsewhere, so every
+visible shape is annotated. Everything is drawn from
+``numpy.random.default_rng((seed, split, index))``, so the dataset is the same on every
+machine and in every process.
 
 The files are written once under ``cache_dir/<name>/`` (name from a hash of the settings):
 ``train.json``, ``val.json`` (COCO format, masks as compressed RLE) and ``train/``, ``val/``
@@ -35,8 +36,6 @@ from ..config import SyntheticConfig
 SHAPES = ("circle", "rectangle", "triangle", "star")
 # Version of the generator: part of the cache name, so a change here regenerates the files.
 GENERATOR_VERSION = 2
-# A new shape may hide at most this fraction of an earlier shape's visible pixels.
-MAX_HIDDEN = 0.5
 # Placement attempts per shape before it is left out.
 PLACEMENT_TRIES = 20
 # Minimum RGB distance between a shape's colour and the mean background colour under it,
@@ -121,7 +120,7 @@ def draw_image(cfg: SyntheticConfig, rng: np.random.Generator):
     short = cfg.image_size
     long = int(round(short * rng.uniform(1.0, cfg.max_aspect) / 8)) * 8
     h, w = (short, long) if rng.random() < 0.5 else (long, short)
-    image = _background(h, w, rng)
+    image = _background(h, w, rng, cfg.texture_contrast)
     n_objects = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     masks: list[np.ndarray] = []
     labels: list[int] = []
@@ -134,7 +133,7 @@ def draw_image(cfg: SyntheticConfig, rng: np.random.Generator):
             new = coverage > 0.5
             if new.sum() < 4:
                 continue
-            if all((m & new).sum() <= MAX_HIDDEN * m.sum() for m in masks):
+            if all((m & new).sum() <= cfg.max_occlusion * m.sum() for m in masks):
                 break
         else:
             continue
@@ -147,7 +146,7 @@ def draw_image(cfg: SyntheticConfig, rng: np.random.Generator):
     return image, [masks[i] for i in keep], [labels[i] for i in keep]
 
 
-def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _background(h: int, w: int, rng: np.random.Generator, contrast: float) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     angle = rng.uniform(0, 2 * math.pi)
@@ -155,7 +154,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     t = (t - t.min()) / max(float(np.ptp(t)), 1.0)
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
     kind = rng.integers(4)
-    amp = rng.uniform(15, 45)
+    amp = rng.uniform(contrast / 3, contrast)
     if kind == 0:    # stripes of random frequency and orientation
         period = rng.uniform(4, 24)
         a = rng.uniform(0, math.pi)

@@ -17,6 +17,7 @@ with the same weights as one that was not (bitwise on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -78,6 +79,18 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
         sub.handlers = list(log.handlers)
         sub.setLevel(log.level)
         sub.propagate = False
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to ``n`` (0: unchanged) inside the block, the caller's again after it."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def seed_all(seed: int) -> None:
@@ -166,13 +179,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, weights: str | None = None)
     info = du.env_dist_info()
     device = du.resolve_device(cfg.device, info)
     du.init_distributed(device, info)
-    threads = torch.get_num_threads()
     try:
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        return _train(cfg, info, device, resume, weights)
+        with torch_threads(cfg.num_threads):
+            return _train(cfg, info, device, resume, weights)
     finally:
-        torch.set_num_threads(threads)  # the caller's setting again (train() may run inside a larger program)
         du.cleanup()
 
 
@@ -193,7 +203,7 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device, resume: bo
 
     seed_all(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, train_ds.num_classes)
-    model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
+    model.to(device)
     optimizer = build_optimizer(cfg.solver, model)
     scheduler = build_scheduler(cfg.solver, optimizer)
     amp_dtype = autocast_dtype(cfg.solver.amp, device)

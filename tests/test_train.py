@@ -207,3 +207,12 @@ def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path, capsys
     code = _exit_code(evaluate_cli.main, ["--checkpoint", str(truncated)])
     assert code == 1 and "truncated.pth" in capsys.readouterr().err
     assert final.read_bytes() == before
+
+
+def test_commands_leave_the_thread_count_alone(trained, tmp_path):
+    """The smoke config runs on one thread; the caller's setting is back afterwards."""
+    before = torch.get_num_threads()
+    evaluate_cli.main(["--checkpoint", str(trained / "model_final.pth"), "--out", str(tmp_path / "e.json")])
+    img = next(trained.parent.rglob("000000.png"))
+    predict_cli.main([str(img), "--checkpoint", str(trained / "model_final.pth"), "--out", str(tmp_path)])
+    assert torch.get_num_threads() == before

@@ -95,8 +95,4 @@ def load_for_inference(checkpoint: str, args):
     model = build_model(cfg.model, num_classes)
     load_model_state(model, ckpt["model"], checkpoint)
     model.eval()
-    if cfg.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.num_threads)
     return model, cfg, meta

@@ -47,6 +47,7 @@ class SyntheticConfig:
     min_object_frac: float = 0.08  # object size as a fraction of the shorter side
     max_object_frac: float = 0.5
     classes: list[str] = field(default_factory=lambda: ["circle", "rectangle", "triangle"])
+    max_rotation: float = 180.0    # degrees a polygon may turn from upright / axis-aligned, either way
     max_occlusion: float = 0.5     # a new shape may hide at most this fraction of an earlier one
     texture_contrast: float = 45.0  # strongest background texture amplitude (0..255 scale)
     seed: int = 0
@@ -86,6 +87,7 @@ class ModelConfig:
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_channels: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
+    head_norm: str | None = None      # "gn": GroupNorm after every FPN and mask-head convolution
     # Any other keyword of the model with torchvision's names (rpn_*, box_*, ...).
     options: dict[str, Any] = field(default_factory=dict)
     # Local checkpoints to start from: a whole Mask R-CNN (torchvision or fastmask format,
@@ -130,6 +132,7 @@ _ENUMS = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "model.norm": ("frozen_bn", "bn", "gn"),
     "model.backend": (None, "auto", "triton", "torch"),
+    "model.head_norm": (None, "gn"),
     "solver.schedule": ("step", "cosine"),
     "solver.amp": ("bf16", "fp16", "off"),
 }
@@ -241,6 +244,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     syn = cfg.data.synthetic
     if syn.max_objects < syn.min_objects:
         raise ConfigError("data.synthetic.max_objects must be >= data.synthetic.min_objects")
+    if not 0 <= syn.max_rotation <= 180:
+        raise ConfigError(f"data.synthetic.max_rotation must be in [0, 180] degrees, got {syn.max_rotation}")
     if not 0 <= syn.max_occlusion < 1:
         raise ConfigError(f"data.synthetic.max_occlusion must be in [0, 1), got {syn.max_occlusion}")
     if not 0 <= syn.texture_contrast <= 255:

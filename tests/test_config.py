@@ -66,6 +66,8 @@ def test_override_does_not_modify_its_input():
     ("data.batch_size", ["key=value"]),
     ("solver.max_iter.x=3", ["solver.max_iter", "not a section"]),
     ("data.train.annotations=a.json", ["data.train.images", "together"]),
+    ("data.synthetic.max_rotation=270", ["data.synthetic.max_rotation", "[0, 180]"]),
+    ("model.head_norm=bn", ["model.head_norm", "'gn'"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:

@@ -252,6 +252,20 @@ def test_synthetic_content(tmp_path):
     assert set(orientation_groups(ds.aspect_ratios())) == {0, 1}
 
 
+def test_synthetic_rotation_setting(tmp_path):
+    """max_rotation=0 draws axis-aligned rectangles (they fill their boxes); 180 turns them freely."""
+    def rect_fill(cfg, folder):
+        data = generate_split(cfg, "train", 12, tmp_path / folder)
+        rect = 1 + cfg.classes.index("rectangle")
+        return [a["area"] / (a["bbox"][2] * a["bbox"][3]) for a in data["annotations"] if a["category_id"] == rect]
+
+    upright = rect_fill(replace(SMALL, max_rotation=0.0, max_occlusion=0.0), "upright")
+    turned = rect_fill(replace(SMALL, max_rotation=180.0, max_occlusion=0.0), "turned")
+    assert len(upright) >= 3 and len(turned) >= 3
+    assert min(upright) > 0.95
+    assert min(turned) < 0.8
+
+
 def test_synthetic_cache_is_reused(tmp_path):
     cfg = replace(SMALL, num_train=3, num_val=2, cache_dir=str(tmp_path))
     first = ensure_synthetic(cfg)

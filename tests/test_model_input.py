@@ -131,6 +131,40 @@ def test_builder_arguments():
         build_mask_rcnn(3, backbone="resnet18", backend="cuda")
 
 
+def test_head_sizes_and_norm(data):
+    """Lighter heads and GroupNorm heads: the layout of torchvision's ``norm_layer`` option,
+    a training step that reaches the new parameters, and named errors."""
+    from functools import partial
+
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads as TVMaskHeads
+    from torchvision.ops import FeaturePyramidNetwork as TVFPN
+
+    torch.manual_seed(0)
+    model = build_mask_rcnn(3, backbone="resnet18", norm="gn", trainable_layers=5, fpn_channels=32,
+                            box_head_dim=48, mask_head_channels=(16, 24), head_norm="gn", **KW).train()
+    gn = partial(torch.nn.GroupNorm, 8)
+    tv_fpn = TVFPN([64, 128, 256, 512], 32, norm_layer=gn)
+    tv_mask = TVMaskHeads(32, [16, 24], 1, norm_layer=gn)
+
+    def layout(module):
+        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+    assert layout(model.backbone.fpn) == layout(tv_fpn)
+    assert layout(model.roi_heads.mask_head) == layout(tv_mask)
+    assert model.roi_heads.box_head.fc7.out_features == 48
+    assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 24
+    images, targets = data
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    for name in ("backbone.fpn.layer_blocks.0.1.weight", "roi_heads.mask_head.1.1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="head_norm"):
+        build_mask_rcnn(3, backbone="resnet18", head_norm="bn")
+    with pytest.raises(ValueError, match="mask_head_channels"):
+        build_mask_rcnn(3, backbone="resnet18", mask_head_channels=())
+
+
 def test_custom_backbone_module(data):
     """A user's backbone: a module returning an OrderedDict of maps with ``out_channels``."""
     from fastmask.models.fpn import ResNetFPN
@@ -151,6 +185,8 @@ def test_custom_backbone_module(data):
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="out_channels"):
         build_mask_rcnn(3, backbone=torch.nn.ReLU())
+    with pytest.raises(ValueError, match="fpn_channels=32"):
+        build_mask_rcnn(3, backbone=Wrapped(), fpn_channels=32)
 
 
 def test_single_map_backbone(data):

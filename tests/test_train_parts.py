@@ -10,7 +10,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from fastmask.config import SolverConfig
+from fastmask.config import ConfigError, SolverConfig
 from fastmask.engine.builder import LRSchedule, build_optimizer
 from fastmask.engine.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_model_state, rng_state,
                                         save_atomic, set_rng_state)
@@ -196,3 +196,14 @@ def test_imagenet_backbone_weights_load(tmp_path):
                                        mask_head_channels=[16]), num_classes=3)
     with pytest.raises(CheckpointError, match="resnet18.pth"):
         load_backbone_weights(gn_model, str(path))
+
+
+def test_model_options_cannot_shadow_model_settings():
+    """A head size or norm written under model.options is pointed to its own setting."""
+    from fastmask.config import ModelConfig
+    from fastmask.engine.builder import build_model
+
+    with pytest.raises(ConfigError, match=r"model\.head_norm"):
+        build_model(ModelConfig(backbone="resnet18", options={"head_norm": "gn"}), num_classes=3)
+    with pytest.raises(ConfigError, match="does not take"):
+        build_model(ModelConfig(backbone="resnet18", options={"rpn_nms_threshold": 0.5}), num_classes=3)

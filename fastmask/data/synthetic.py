@@ -35,7 +35,7 @@ from ..config import SyntheticConfig
 
 SHAPES = ("circle", "rectangle", "triangle", "star")
 # Version of the generator: part of the cache name, so a change here regenerates the files.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Placement attempts per shape before it is left out.
 PLACEMENT_TRIES = 20
 # Minimum RGB distance between a shape's colour and the mean background colour under it,
@@ -129,7 +129,7 @@ def draw_image(cfg: SyntheticConfig, rng: np.random.Generator):
         shape = cfg.classes[label]
         for _ in range(PLACEMENT_TRIES):
             size = rng.uniform(cfg.min_object_frac, cfg.max_object_frac) * short
-            coverage = _shape_coverage(shape, size, h, w, rng)
+            coverage = _shape_coverage(shape, size, h, w, cfg.max_rotation, rng)
             new = coverage > 0.5
             if new.sum() < 4:
                 continue
@@ -173,9 +173,13 @@ def _background(h: int, w: int, rng: np.random.Generator, contrast: float) -> np
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _shape_polygon(shape: str, size: float, rng: np.random.Generator) -> np.ndarray | None:
-    """Vertices ``[V, 2]`` around the origin for polygonal shapes; None for a circle."""
-    angle = rng.uniform(0, 2 * math.pi)
+def _shape_polygon(shape: str, size: float, max_rotation: float, rng: np.random.Generator):
+    """Vertices ``[V, 2]`` (numpy) around the origin for polygonal shapes; None for a circle.
+
+    At rotation 0 a rectangle is axis-aligned and a triangle or star points up; the shape is
+    turned by up to ``max_rotation`` degrees either way.
+    """
+    angle = math.radians(rng.uniform(-max_rotation, max_rotation))
     if shape == "circle":
         return None
     if shape == "rectangle":
@@ -183,22 +187,24 @@ def _shape_polygon(shape: str, size: float, rng: np.random.Generator) -> np.ndar
         half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64) * [size / 2, size * aspect / 2]
         pts = half
     elif shape == "triangle":
-        base = np.array([0, 2 * math.pi / 3, 4 * math.pi / 3]) + rng.uniform(-0.25, 0.25, 3)
+        base = np.array([-math.pi / 2, math.pi / 6, 5 * math.pi / 6]) + rng.uniform(-0.25, 0.25, 3)
         pts = np.stack([np.cos(base), np.sin(base)], 1) * (size / 2) * 1.15
     else:  # star: five points, inner radius 0.45 of the outer
         k = np.arange(10)
         r = np.where(k % 2 == 0, 1.0, 0.45) * size / 2
-        pts = np.stack([r * np.cos(k * math.pi / 5), r * np.sin(k * math.pi / 5)], 1)
+        a = k * math.pi / 5 - math.pi / 2
+        pts = np.stack([r * np.cos(a), r * np.sin(a)], 1)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return pts @ rot.T
 
 
-def _shape_coverage(shape: str, size: float, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _shape_coverage(shape: str, size: float, h: int, w: int, max_rotation: float,
+                    rng: np.random.Generator) -> np.ndarray:
     """Fraction of each pixel covered by a randomly placed shape: float32 [H, W] in [0, 1]."""
     margin = size * 0.3  # a shape may be cut by the image border by up to this much
     cx = rng.uniform(size / 2 - margin, w - size / 2 + margin)
     cy = rng.uniform(size / 2 - margin, h - size / 2 + margin)
-    pts = _shape_polygon(shape, size, rng)
+    pts = _shape_polygon(shape, size, max_rotation, rng)
     if pts is None:
         r = size / 2 * rng.uniform(0.85, 1.0)
         pts_extent = np.array([[-r, -r], [r, r]])

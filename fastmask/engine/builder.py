@@ -13,52 +13,36 @@ from .checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-# torchvision's head sizes: a model that keeps them has torchvision's state_dict layout.
-DEFAULT_FPN_CHANNELS = 256
-DEFAULT_BOX_HEAD_DIM = 1024
-DEFAULT_MASK_HEAD = [256, 256, 256, 256]
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
-
-
 def model_arch(cfg: ModelConfig, num_classes: int) -> dict:
     """The settings that fix the model's tensor shapes (stored in checkpoints and compared on load)."""
     return {"backbone": cfg.backbone, "norm": cfg.norm, "fpn_channels": cfg.fpn_channels,
             "box_head_dim": cfg.box_head_dim, "mask_head_channels": list(cfg.mask_head_channels),
-            "num_classes": num_classes}
+            "head_norm": cfg.head_norm, "num_classes": num_classes}
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """``fastmask.models.build_mask_rcnn`` with the config's backbone, sizes and options.
+    """``fastmask.models.build_mask_rcnn`` with the config's backbone, head sizes and options.
 
     Lighter heads than torchvision's (``fpn_channels``, ``box_head_dim``,
-    ``mask_head_channels``) are made from the same model classes; such a model trains and
-    evaluates like any other but no longer loads torchvision checkpoints.
+    ``mask_head_channels``) or normalised ones (``head_norm``) train and evaluate like any
+    other model but no longer load torchvision checkpoints.
     """
     from ..models import build_mask_rcnn
-    from ..models.fpn import ResNetFPN
-    from ..models.roi_heads import FastRCNNPredictor, MaskRCNNHeads, MaskRCNNPredictor, TwoMLPHead
 
     kwargs = dict(cfg.options)
+    reserved = sorted(set(kwargs) & {"min_size", "max_size", "fpn_channels", "box_head_dim", "mask_head_channels",
+                                     "head_norm", "norm", "backbone", "trainable_layers", "backend"})
+    if reserved:
+        raise ConfigError(f"model.options.{reserved[0]} is a setting of its own: write it as model.{reserved[0]}")
     kwargs["min_size"] = tuple(cfg.min_size) if isinstance(cfg.min_size, list) else cfg.min_size
     kwargs["max_size"] = cfg.max_size
-    backbone = cfg.backbone
-    if cfg.fpn_channels != DEFAULT_FPN_CHANNELS:
-        backbone = ResNetFPN(DEPTHS[cfg.backbone], cfg.norm, cfg.trainable_layers, out_channels=cfg.fpn_channels)
     try:
-        model = build_mask_rcnn(num_classes, backbone=backbone, norm=cfg.norm, trainable_layers=cfg.trainable_layers,
-                                backend=cfg.backend, **kwargs)
+        return build_mask_rcnn(num_classes, backbone=cfg.backbone, norm=cfg.norm,
+                               trainable_layers=cfg.trainable_layers, backend=cfg.backend,
+                               fpn_channels=cfg.fpn_channels, box_head_dim=cfg.box_head_dim,
+                               mask_head_channels=cfg.mask_head_channels, head_norm=cfg.head_norm, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"model.options holds a keyword the model does not take: {exc}") from None
-    heads = model.roi_heads
-    if cfg.box_head_dim != DEFAULT_BOX_HEAD_DIM:
-        pooled = heads.box_head.fc6.in_features
-        heads.box_head = TwoMLPHead(pooled, cfg.box_head_dim)
-        heads.box_predictor = FastRCNNPredictor(cfg.box_head_dim, num_classes)
-    if list(cfg.mask_head_channels) != DEFAULT_MASK_HEAD:
-        width = cfg.mask_head_channels[-1]
-        heads.mask_head = MaskRCNNHeads(cfg.fpn_channels, cfg.mask_head_channels)
-        heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes)
-    return model
 
 
 def load_backbone_weights(model: nn.Module, path: str) -> None:

@@ -9,33 +9,55 @@ torchvision's ``LastLevelMaxPool``; the RPN uses it, the RoI heads do not.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet import ResNet
+from .resnet import GN_GROUPS, ResNet
 
 FPN_CHANNELS = 256  # channels of every pyramid level (the FPN paper's d = 256)
+
+
+HEAD_NORMS = (None, "gn")
+
+
+def conv_norm(cin: int, cout: int, kernel: int, norm: str | None, relu: bool = False) -> nn.Sequential:
+    """``Sequential(conv[, GroupNorm][, ReLU])``: a ``kernel``-sized 'same' convolution,
+    followed by a GroupNorm when ``norm == "gn"`` (the convolution then has no bias)."""
+    if norm not in HEAD_NORMS:
+        raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
+    layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=norm is None)]
+    if norm == "gn":
+        layers.append(nn.GroupNorm(math.gcd(GN_GROUPS, cout), cout))  # 32 groups, fewer if 32 does not divide
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class FeaturePyramidNetwork(nn.Module):
     """Top-down pathway with lateral connections, plus the max-pool level ``"pool"``.
 
     ``forward(OrderedDict of C2..C5, finest first) -> OrderedDict of P2..P5 (same names) + "pool"``.
+
+    ``norm="gn"`` follows every convolution with a GroupNorm (and drops the convolution's
+    bias), as torchvision's ``norm_layer`` option lays it out (``inner_blocks.0.1.weight``):
+    normalised heads train from scratch much faster than plain ones.
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int = FPN_CHANNELS, extra_pool: bool = True):
+    def __init__(self, in_channels: Sequence[int], out_channels: int = FPN_CHANNELS, extra_pool: bool = True,
+                 norm: str | None = None):
         super().__init__()
-        self.inner_blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1)) for c in in_channels)
-        self.layer_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels)
+        self.inner_blocks = nn.ModuleList(conv_norm(c, out_channels, 1, norm) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm) for _ in in_channels)
         self.extra_pool = extra_pool
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: "OrderedDict[str, Tensor]") -> "OrderedDict[str, Tensor]":
         names, feats = list(x.keys()), list(x.values())
@@ -59,11 +81,11 @@ class ResNetFPN(nn.Module):
     """
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                 out_channels: int = FPN_CHANNELS, frozen_bn_eps: float = 1e-5):
+                 out_channels: int = FPN_CHANNELS, frozen_bn_eps: float = 1e-5, fpn_norm: str | None = None):
         super().__init__()
         self.body = ResNet(depth, norm, frozen_bn_eps)
         self.body.freeze(trainable_layers)
-        self.fpn = FeaturePyramidNetwork(self.body.stage_channels, out_channels)
+        self.fpn = FeaturePyramidNetwork(self.body.stage_channels, out_channels, norm=fpn_norm)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from fastmask.ops._backend import check_backend_name
 
-from .fpn import ResNetFPN
+from .fpn import FPN_CHANNELS, HEAD_NORMS, ResNetFPN
 from .resnet import NORMS
-from .roi_heads import RoIHeads, RoIHeadsConfig
+from .roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads, RoIHeadsConfig
 from .rpn import RegionProposalNetwork, RPNConfig
 from .transform import RCNNTransform, TransformConfig, check_images, check_targets
 
@@ -121,6 +121,11 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
             ``box_positive_fraction``, ``bbox_reg_weights``; and
             ``rpn_anchor_sizes``, ``rpn_aspect_ratios``, ``mask_threshold`` (None: float masks),
             ``frozen_bn_eps`` (1e-5; torchvision's COCO checkpoint was made with 0.0).
+        Head sizes (defaults keep torchvision's layout; smaller ones make a lighter model
+        that trains from scratch but no longer loads torchvision checkpoints):
+        ``fpn_channels`` (256; only with a named backbone), ``box_head_dim`` (1024),
+        ``mask_head_channels`` ((256,) * 4), ``head_norm`` (None or ``"gn"``: GroupNorm after
+        every FPN and mask-head convolution).
     """
     if backend is not None:
         check_backend_name(backend)
@@ -129,6 +134,12 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
     kwargs = dict(kwargs)
     mask_threshold = kwargs.pop("mask_threshold", None)
     frozen_bn_eps = kwargs.pop("frozen_bn_eps", 1e-5)
+    fpn_channels = kwargs.pop("fpn_channels", None)
+    head_norm = kwargs.pop("head_norm", None)
+    box_head_dim = kwargs.pop("box_head_dim", REPRESENTATION_SIZE)
+    mask_head_channels = tuple(kwargs.pop("mask_head_channels", MASK_HEAD_CHANNELS))
+    if head_norm not in HEAD_NORMS:
+        raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {head_norm!r}")
     anchor_generator = kwargs.pop("rpn_anchor_generator", None)
     box_roi_pool, mask_roi_pool = kwargs.pop("box_roi_pool", None), kwargs.pop("mask_roi_pool", None)
     transform_cfg = _pop_config(TransformConfig, kwargs, "")
@@ -140,17 +151,22 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
     if isinstance(backbone, str):
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)} or an nn.Module, got {backbone!r}")
-        backbone = ResNetFPN(BACKBONES[backbone], norm, trainable_layers, frozen_bn_eps=frozen_bn_eps)
+        backbone = ResNetFPN(BACKBONES[backbone], norm, trainable_layers, out_channels=fpn_channels or FPN_CHANNELS,
+                             frozen_bn_eps=frozen_bn_eps, fpn_norm=head_norm)
     elif isinstance(backbone, nn.Module):
         if not isinstance(getattr(backbone, "out_channels", None), int):
             raise ValueError("a backbone module must have an int attribute out_channels (channels of its maps)")
+        if fpn_channels is not None and fpn_channels != backbone.out_channels:
+            raise ValueError(f"fpn_channels={fpn_channels} is for a named backbone; this backbone module "
+                             f"has out_channels={backbone.out_channels}")
     else:
         raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
     channels = backbone.out_channels
     transform = RCNNTransform(transform_cfg, backend=backend)
     rpn = RegionProposalNetwork(channels, rpn_cfg, anchor_generator=anchor_generator, backend=backend)
     roi_heads = RoIHeads(channels, num_classes, roi_cfg, backend=backend, box_roi_pool=box_roi_pool,
-                         mask_roi_pool=mask_roi_pool)
+                         mask_roi_pool=mask_roi_pool, box_head_dim=box_head_dim,
+                         mask_head_channels=mask_head_channels, head_norm=head_norm)
     return MaskRCNN(backbone, transform, rpn, roi_heads, mask_threshold=mask_threshold)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from fastmask import ops
 from fastmask.ops._device import to_device_async
 
+from .fpn import conv_norm
 from .losses import fastrcnn_losses, mask_loss, mask_targets
 from .rpn import full_precision
 from .sampling import Matcher, pad_boxes, sample_balanced
@@ -86,18 +87,20 @@ class FastRCNNPredictor(nn.Module):
 
 
 class MaskRCNNHeads(nn.Sequential):
-    """Four 3x3 conv + ReLU layers on the 14x14 pooled features (names ``{i}.0.weight``)."""
+    """3x3 conv (+ GroupNorm when ``norm="gn"``) + ReLU layers on the 14x14 pooled features,
+    one per entry of ``layers`` (torchvision: four of 256; names ``{i}.0.weight``)."""
 
-    def __init__(self, in_channels: int, layers=MASK_HEAD_CHANNELS):
+    def __init__(self, in_channels: int, layers=MASK_HEAD_CHANNELS, norm: str | None = None):
         blocks, c = [], in_channels
         for width in layers:
-            blocks.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True)))
+            blocks.append(conv_norm(c, width, 3, norm, relu=True))
             c = width
         super().__init__(*blocks)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
 
 class MaskRCNNPredictor(nn.Sequential):
@@ -127,10 +130,14 @@ class RoIHeads(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, cfg: RoIHeadsConfig, backend: str | None = None,
-                 box_roi_pool: nn.Module | None = None, mask_roi_pool: nn.Module | None = None):
+                 box_roi_pool: nn.Module | None = None, mask_roi_pool: nn.Module | None = None, *,
+                 box_head_dim: int = REPRESENTATION_SIZE, mask_head_channels=MASK_HEAD_CHANNELS,
+                 head_norm: str | None = None):
         """``box_roi_pool`` / ``mask_roi_pool``: optional replacements of the RoI Aligns over
         ``"0".."3"`` (e.g. ``MultiScaleRoIAlign(["0"], 7, 2)`` for a one-map backbone), called
-        as ``pool(features, boxes, image_sizes)``; they must return 7x7 and 14x14 maps."""
+        as ``pool(features, boxes, image_sizes)``; they must return 7x7 and 14x14 maps.
+        ``box_head_dim``, ``mask_head_channels``: head widths (torchvision's 1024 and four
+        convs of 256 keep its checkpoint layout); ``head_norm="gn"``: GroupNorm in the mask head."""
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {num_classes!r}")
@@ -142,11 +149,14 @@ class RoIHeads(nn.Module):
         if mask_roi_pool is None:
             mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_NAMES, MASK_ROI_SIZE, ROI_SAMPLING_RATIO, backend=backend)
         self.box_roi_pool = box_roi_pool
-        self.box_head = TwoMLPHead(in_channels * BOX_ROI_SIZE ** 2, REPRESENTATION_SIZE)
-        self.box_predictor = FastRCNNPredictor(REPRESENTATION_SIZE, num_classes)
+        self.box_head = TwoMLPHead(in_channels * BOX_ROI_SIZE ** 2, box_head_dim)
+        self.box_predictor = FastRCNNPredictor(box_head_dim, num_classes)
         self.mask_roi_pool = mask_roi_pool
-        self.mask_head = MaskRCNNHeads(in_channels)
-        self.mask_predictor = MaskRCNNPredictor(MASK_HEAD_CHANNELS[-1], 256, num_classes)
+        if len(mask_head_channels) == 0:
+            raise ValueError("mask_head_channels must name at least one layer width")
+        self.mask_head = MaskRCNNHeads(in_channels, mask_head_channels, head_norm)
+        width = mask_head_channels[-1]
+        self.mask_predictor = MaskRCNNPredictor(width, width, num_classes)
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False)
 
     # ------------------------------------------------------------------ training

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+# Launch shapes differ between the GPU and Triton's interpreter, whose cost is per operation
+# per program (so it wants few, wide programs). The ahead-of-time compile test sets this to
+# record the GPU's launch shapes for CPU tensors; nothing else changes it.
+FORCE_GPU_LAUNCH = False
+
+
+def gpu_launch(device: torch.device) -> bool:
+    """Whether a launch on ``device`` takes the GPU's block shapes and options."""
+    return device.type == "cuda" or FORCE_GPU_LAUNCH
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels._common import round_to_bf16
+from kernels._common import gpu_launch, round_to_bf16
 
 # Elements one program handles. On the GPU: 1024 (box head) and 512 (proposals) keep every
 # thread busy at 4 warps; the proposal stage has only ~10k candidates, so it is launch-bound.
@@ -172,7 +172,7 @@ def decode_boxes(rel_codes: torch.Tensor, boxes: torch.Tensor, weights, bbox_xfo
         clip_mode, sizes = 2, clip_to
     elif clip_to is not None:
         clip_mode, clip_h, clip_w = 1, float(clip_to[0]), float(clip_to[1])
-    on_gpu = rel_codes.device.type == "cuda"
+    on_gpu = gpu_launch(rel_codes.device)
     block_k = min(triton.next_power_of_2(k), 128)
     block_n = max(1, (GPU_BLOCK if on_gpu else INTERPRETER_BLOCK) // block_k)
     block_n = min(block_n, triton.next_power_of_2(n))
@@ -319,7 +319,7 @@ def rpn_candidates(top_idx: torch.Tensor, probs: torch.Tensor, deltas: torch.Ten
         levels = torch.empty((b, n), dtype=torch.int64, device=dev)
     if b == 0 or n == 0:
         return boxes, valid, levels
-    on_gpu = dev.type == "cuda"
+    on_gpu = gpu_launch(dev)
     block = GPU_PROPOSAL_BLOCK if on_gpu else min(INTERPRETER_BLOCK, triton.next_power_of_2(n))
     src = deltas if anchors is None else anchors
     # One program per BLOCK candidates of one image: all images and levels in one launch.

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import round_to_bf16
+from kernels._common import gpu_launch, round_to_bf16
 
 # Tile of one output mask per program. Columns are the contiguous axis of the output, so
 # the tile is wide (coalesced stores) and short (tiles outside the box skip the gathers).
@@ -223,7 +223,7 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
                          f"got {out.dtype} {tuple(out.shape)}")
     if n == 0 or out_h == 0 or out_w == 0:
         return out
-    on_cpu = masks.device.type == "cpu"
+    on_cpu = not gpu_launch(masks.device)
     if block_w is None:
         block_w = min(triton.next_power_of_2(out_w), INTERPRETER_BLOCK_W) if on_cpu else BLOCK_W
     if block_h is None:

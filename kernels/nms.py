@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._common import gpu_launch
+
 # Largest chunk of sorted boxes whose suppression bits are held at once: 8192 x 8192 bits
 # is 8 MiB, and the reduce kernel holds a 128-word removed vector in registers. Up to 8192
 # boxes need a single chunk (no cross-chunk pass). Not yet tuned on a GPU: 4096 and 16384
@@ -329,9 +331,9 @@ def nms_sorted_keep(boxes: torch.Tensor, seg: torch.Tensor, seg_begin: torch.Ten
     value = float(iou_threshold) if f64 else fp32_decision_value(iou_threshold)
     thr = torch.full((1,), value, dtype=torch.float64, device=dev)  # a fill kernel, no copy
     valid_arg = valid if valid is not None else keep
-    rows = (GPU_ROWS_F64 if f64 else GPU_ROWS) if dev.type == "cuda" else INTERPRETER_ROWS
+    rows = (GPU_ROWS_F64 if f64 else GPU_ROWS) if gpu_launch(dev) else INTERPRETER_ROWS
     if or_by_bits is None:
-        or_by_bits = dev.type != "cuda"
+        or_by_bits = not gpu_launch(dev)
     for c0 in range(0, t, chunk):
         n = min(chunk, t - c0)
         nw = triton.cdiv(n, WORD_BITS)

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._common import gpu_launch
+
 MAX_LEVELS = 5
 # Largest power of two the launchers factor out of the feature strides: 16 elements is a
 # 64-byte fp32 or 32-byte fp16 vector, more than the widest vector load.
@@ -608,7 +610,7 @@ def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_las
     operation costs the same whatever the block, so a program takes up to 32 whole RoIs with
     all their channels (up to 64).
     """
-    if device.type == "cpu":
+    if not gpu_launch(device):
         br, bp, bc = min(32, triton.next_power_of_2(max(k, 1))), triton.next_power_of_2(n_bins), \
             min(64, triton.next_power_of_2(c))
     elif channels_last:
@@ -683,7 +685,7 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     """
     p_chunk = max(16, min(64, triton.next_power_of_2(n_bins)))
     bc = max(16, min(64, triton.next_power_of_2(c)))
-    if device.type == "cpu":
+    if not gpu_launch(device):
         th = max(4, min(16, triton.next_power_of_2(max(s[2] for s in shapes))))
         tw = max(4, min(32, triton.next_power_of_2(max(s[3] for s in shapes))))
         return th, tw, bc, min(32, triton.next_power_of_2(max(k, 1))), p_chunk

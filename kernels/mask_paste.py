@@ -18,11 +18,13 @@ from kernels._common import gpu_launch, round_to_bf16
 
 # Tile of one output mask per program. Columns are the contiguous axis of the output, so
 # the tile is wide (coalesced stores) and short (tiles outside the box skip the gathers).
-# The tile holds BLOCK_BYTES of output (8 rows of fp32, 16 of fp16, 32 of bool), enough
-# stores per program to amortise its box arithmetic. Untuned starting point:
+# The tile holds BLOCK_ELEMS outputs (8 rows) whatever the output dtype: the work per
+# element (two gathers of 2 taps, the weights) is the same for fp32 and bool, and the sm_90
+# compile of a 32-row bool tile with 4 warps needed all 255 registers plus a 456-byte stack
+# (spills), while 8 rows need 112 registers. Untuned starting point:
 # benchmarks/bench_mask_paste.py is the place to choose them on a GPU.
 BLOCK_W = 256
-BLOCK_BYTES = 8192
+BLOCK_ELEMS = 2048
 NUM_WARPS = 4
 # Triton's interpreter (CPU tensors) pays per operation per program, not per element: there
 # a canvas is covered by as few tiles as these caps allow. The tiling never changes a value.
@@ -207,7 +209,7 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
         origin is each box's window corner.
     out: optional contiguous [N, out_h, out_w] output to write into (tests pass one filled
         with NaN or a sentinel byte to prove every element is written); allocated otherwise.
-    block_h, block_w: the tile (powers of two); None picks BLOCK_BYTES of output per tile,
+    block_h, block_w: the tile (powers of two); None picks BLOCK_ELEMS outputs per tile,
         BLOCK_W wide, on the GPU and one tile per canvas (up to the INTERPRETER_BLOCK_* caps)
         in the interpreter.
     Returns ``out``: the masks' dtype, or bool (``value > threshold``) with a threshold.
@@ -228,7 +230,7 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
         block_w = min(triton.next_power_of_2(out_w), INTERPRETER_BLOCK_W) if on_cpu else BLOCK_W
     if block_h is None:
         block_h = (min(triton.next_power_of_2(out_h), INTERPRETER_BLOCK_H) if on_cpu
-                   else max(1, BLOCK_BYTES // (block_w * out.element_size())))
+                   else max(1, BLOCK_ELEMS // block_w))
     # One program per (mask, tile of block_h rows x block_w columns of its canvas). The mask
     # count only sets the grid, so a new batch size does not recompile.
     grid = (n, triton.cdiv(out_h, block_h), triton.cdiv(out_w, block_w))

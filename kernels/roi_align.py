@@ -679,7 +679,9 @@ def _grad_layout(shapes, channels_last: list[bool]):
 def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     """(TILE_H, TILE_W, BLOCK_C, BLOCK_R, P_CHUNK) for the deterministic backward.
 
-    GPU: 8x8 cells x 64 channels, one RoI and 64 bins per step (a 64x64x64 product).
+    GPU: 8x8 cells x 32 channels, one RoI and 64 bins per step (a 64x64x32 product), with 8
+    warps: compiled for sm_90, 64 channels with 4 warps needed 255 registers and a 928-byte
+    stack (spills); 32 channels with 8 warps need 196 registers and no stack.
     Interpreter: tiles of up to 16x32 cells and up to 32 RoIs per step, so that few programs
     and few steps cover the levels.
     """
@@ -689,7 +691,7 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
         th = max(4, min(16, triton.next_power_of_2(max(s[2] for s in shapes))))
         tw = max(4, min(32, triton.next_power_of_2(max(s[3] for s in shapes))))
         return th, tw, bc, min(32, triton.next_power_of_2(max(k, 1))), p_chunk
-    return 8, 8, bc, 1, p_chunk
+    return 8, 8, min(bc, 32), 1, p_chunk
 
 
 def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple[int, int, int, int]],
@@ -733,7 +735,7 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
             grad_ptr=out, grad_out_ptr=grad_out, **{f"tile_start{i}": s for i, s in enumerate(starts)},
             **offsets_kw, **level_kwargs, **go_strides, **roi_kwargs,
             STRIDE_ALIGN=align, C_CONTIG=c_contig, TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk,
-            num_warps=4,
+            num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:
         br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, block_r, block_p, block_c)

@@ -6,8 +6,9 @@ unsupported cast), and it launches with its own wide block shapes. So the ops ar
 here once per variant (dtypes, layouts, forward and both backwards, thresholds, clipping
 modes) on tiny inputs with the GPU's launch shapes and every launch recorded instead of run;
 each recorded specialisation is then compiled ahead of time for sm_90 in a subprocess where
-Triton is not in interpreter mode. No GPU is needed: Triton brings its own assembler. What
-this cannot show (timing, numerics on the device) is for the CUDA tests.
+Triton is not in interpreter mode, and must not spill registers to local memory (a launch
+shape too big for its warps). No GPU is needed: Triton brings its own assembler and
+cuobjdump. What this cannot show (timing, numerics on the device) is for the CUDA tests.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def recorded(monkeypatch):
     import kernels._common
 
     monkeypatch.setattr(kernels._common, "FORCE_GPU_LAUNCH", True)
+    # Kernels do not run, so the buffers they would fill are zeroed instead of left
+    # uninitialised (the ops' own checks would otherwise see whatever memory held).
+    for name in ("empty", "empty_like"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: _real(*a, **k).zero_())
     records: dict[str, dict] = {}
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -187,14 +193,32 @@ COMPILE = textwrap.dedent("""
             consts[(names.index(name),)] = value
         t0 = time.perf_counter()
         try:
-            triton.compile(ASTSource(fn=fn, signature=rec["signature"], constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32), options=rec["options"])
+            kernel = triton.compile(ASTSource(fn=fn, signature=rec["signature"], constexprs=consts),
+                                    target=GPUTarget("cuda", 90, 32), options=rec["options"])
             error = None
         except Exception as exc:  # report every failing variant, not just the first
             error = (f"{rec['kernel']} {rec['constexprs']} {rec['signature']}: "
                      + str(exc).strip().splitlines()[-1][:400])
+        else:
+            stack = stack_bytes(kernel.asm["cubin"])
+            if stack:  # registers spilled to local memory: a launch-shape regression
+                error = f"{rec['kernel']} {rec['constexprs']} {rec['signature']}: spills ({stack}-byte stack)"
         print(f"{time.perf_counter() - t0:6.1f} s {rec['kernel']} {rec['constexprs']}", file=sys.stderr, flush=True)
         return error
+
+    def stack_bytes(cubin):
+        # Bytes of per-thread stack (register spills) in the cubin, from Triton's cuobjdump (0 if absent).
+        import re, subprocess, tempfile
+        import triton
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if not os.path.exists(tool):
+            return 0
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        return max((int(v) for v in re.findall(r"STACK:(\\d+)", report)), default=0)
 
     if __name__ == "__main__":
         records = json.load(open(sys.argv[1]))

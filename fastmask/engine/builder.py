@@ -29,18 +29,15 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """
     from ..models import build_mask_rcnn
 
-    kwargs = dict(cfg.options)
-    reserved = sorted(set(kwargs) & {"min_size", "max_size", "fpn_channels", "box_head_dim", "mask_head_channels",
-                                     "head_norm", "norm", "backbone", "trainable_layers", "backend"})
-    if reserved:
-        raise ConfigError(f"model.options.{reserved[0]} is a setting of its own: write it as model.{reserved[0]}")
-    kwargs["min_size"] = tuple(cfg.min_size) if isinstance(cfg.min_size, list) else cfg.min_size
-    kwargs["max_size"] = cfg.max_size
+    own = dict(backbone=cfg.backbone, norm=cfg.norm, trainable_layers=cfg.trainable_layers, backend=cfg.backend,
+               min_size=tuple(cfg.min_size) if isinstance(cfg.min_size, list) else cfg.min_size,
+               max_size=cfg.max_size, fpn_channels=cfg.fpn_channels, box_head_dim=cfg.box_head_dim,
+               mask_head_channels=cfg.mask_head_channels, head_norm=cfg.head_norm)
+    shadowed = sorted(set(cfg.options) & set(own))
+    if shadowed:
+        raise ConfigError(f"model.options.{shadowed[0]} is a setting of its own: write it as model.{shadowed[0]}")
     try:
-        return build_mask_rcnn(num_classes, backbone=cfg.backbone, norm=cfg.norm,
-                               trainable_layers=cfg.trainable_layers, backend=cfg.backend,
-                               fpn_channels=cfg.fpn_channels, box_head_dim=cfg.box_head_dim,
-                               mask_head_channels=cfg.mask_head_channels, head_norm=cfg.head_norm, **kwargs)
+        return build_mask_rcnn(num_classes, **own, **cfg.options)
     except TypeError as exc:
         raise ConfigError(f"model.options holds a keyword the model does not take: {exc}") from None
 

@@ -28,7 +28,7 @@ def conv_norm(cin: int, cout: int, kernel: int, norm: str | None, relu: bool = F
     """``Sequential(conv[, GroupNorm][, ReLU])``: a ``kernel``-sized 'same' convolution,
     followed by a GroupNorm when ``norm == "gn"`` (the convolution then has no bias)."""
     if norm not in HEAD_NORMS:
-        raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
+        raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {norm!r}")
     layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=norm is None)]
     if norm == "gn":
         layers.append(nn.GroupNorm(math.gcd(GN_GROUPS, cout), cout))  # 32 groups, fewer if 32 does not divide

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastmask.ops._backend import check_backend_name
 
-from .fpn import FPN_CHANNELS, HEAD_NORMS, ResNetFPN
+from .fpn import FPN_CHANNELS, ResNetFPN
 from .resnet import NORMS
 from .roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads, RoIHeadsConfig
 from .rpn import RegionProposalNetwork, RPNConfig
@@ -138,8 +138,6 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
     head_norm = kwargs.pop("head_norm", None)
     box_head_dim = kwargs.pop("box_head_dim", REPRESENTATION_SIZE)
     mask_head_channels = tuple(kwargs.pop("mask_head_channels", MASK_HEAD_CHANNELS))
-    if head_norm not in HEAD_NORMS:
-        raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {head_norm!r}")
     anchor_generator = kwargs.pop("rpn_anchor_generator", None)
     box_roi_pool, mask_roi_pool = kwargs.pop("box_roi_pool", None), kwargs.pop("mask_roi_pool", None)
     transform_cfg = _pop_config(TransformConfig, kwargs, "")
@@ -151,7 +149,8 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
     if isinstance(backbone, str):
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)} or an nn.Module, got {backbone!r}")
-        backbone = ResNetFPN(BACKBONES[backbone], norm, trainable_layers, out_channels=fpn_channels or FPN_CHANNELS,
+        width = FPN_CHANNELS if fpn_channels is None else fpn_channels
+        backbone = ResNetFPN(BACKBONES[backbone], norm, trainable_layers, out_channels=width,
                              frozen_bn_eps=frozen_bn_eps, fpn_norm=head_norm)
     elif isinstance(backbone, nn.Module):
         if not isinstance(getattr(backbone, "out_channels", None), int):

@@ -43,12 +43,20 @@ def _exp(x, ACCURATE_EXP: tl.constexpr):
 
 
 @triton.jit
+def _const(v: tl.constexpr, dt: tl.constexpr):
+    # A Python float as a scalar of the compute dtype. Used directly in arithmetic, a float
+    # constexpr is rounded to fp32 by some Triton releases (3.6) even next to fp64 tensors;
+    # an fp64 decode must use the exact double that torch uses.
+    return tl.full([], v, dt)
+
+
+@triton.jit
 def _unweight(d, W: tl.constexpr, F64: tl.constexpr):
     # d / W as torch computes it: fp64 divides; fp32 multiplies by the fp32 reciprocal
     # (torch's CUDA division by a scalar); W == 1 costs nothing.
     if W != 1.0:
         if F64:
-            d = d / W
+            d = d / _const(W, tl.float64)
         else:
             d = d * (1.0 / W)
     return d
@@ -64,8 +72,9 @@ def _decode(dx, dy, dw, dh, x1, y1, x2, y2, WX: tl.constexpr, WY: tl.constexpr, 
     ctr_y = y1 + 0.5 * heights
     dx = _unweight(dx, WX, F64)
     dy = _unweight(dy, WY, F64)
-    dw = tl.minimum(_unweight(dw, WW, F64), XFORM_CLIP, propagate_nan=tl.PropagateNan.ALL)
-    dh = tl.minimum(_unweight(dh, WH, F64), XFORM_CLIP, propagate_nan=tl.PropagateNan.ALL)
+    clamp = _const(XFORM_CLIP, tl.float64 if F64 else tl.float32)
+    dw = tl.minimum(_unweight(dw, WW, F64), clamp, propagate_nan=tl.PropagateNan.ALL)
+    dh = tl.minimum(_unweight(dh, WH, F64), clamp, propagate_nan=tl.PropagateNan.ALL)
     pred_ctr_x = dx * widths + ctr_x
     pred_ctr_y = dy * heights + ctr_y
     half_w = 0.5 * (_exp(dw, ACCURATE_EXP) * widths)
@@ -284,7 +293,8 @@ def _rpn_candidates_kernel(
     ws = _to_out(bx2.to(cdt) - bx1.to(cdt), boxes_out_ptr).to(cdt)
     hs = _to_out(by2.to(cdt) - by1.to(cdt), boxes_out_ptr).to(cdt)
     prob = tl.load(prob_ptr + img * stride_pb + pos, mask=mask, other=0.0).to(cdt)
-    ok = (ws >= MIN_SIZE) & (hs >= MIN_SIZE) & (prob >= SCORE_THRESH)
+    min_size = _const(MIN_SIZE, cdt)
+    ok = (ws >= min_size) & (hs >= min_size) & (prob >= _const(SCORE_THRESH, cdt))
 
     op = boxes_out_ptr + (img * N + pos) * 4
     tl.store(op, bx1, mask=mask)

@@ -440,6 +440,26 @@ def _axis_weights(cells, bin_start, bin_size, grid, grid_f, n_samples, size, col
     return acc
 
 
+@triton.jit
+def _tile_rois(rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level, k_min, k_max,
+               PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+               NUM_LEVELS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Sampling grids of RoIs ``k`` (see ``_roi_grid``), and whether each RoI (k < K) is pooled
+    from level ``lvl`` of image ``n`` and its samples can touch the TILE_H x TILE_W cells at
+    (tile_y0, tile_x0): samples lie inside the (scaled) box and touch cells at most one away
+    from it after clamping, hence a 2-cell margin."""
+    b, x1, y1, x2, y2, roi_lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
+                                            NUM_LEVELS)
+    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
+                                                                      ALIGNED)
+    end_y = start_y + PH * bin_h
+    end_x = start_x + PW * bin_w
+    reach = ((k < K) & (b == n) & (roi_lvl == lvl)
+             & (tl.maximum(start_y, end_y) >= tile_y0 - 2) & (tl.minimum(start_y, end_y) <= tile_y0 + TILE_H + 1)
+             & (tl.maximum(start_x, end_x) >= tile_x0 - 2) & (tl.minimum(start_x, end_x) <= tile_x0 + TILE_W + 1))
+    return reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count
+
+
 @triton.jit(do_not_specialize=_DET_NO_SPEC)
 def _roi_align_bwd_det_kernel(
     grad_ptr, grad_out_ptr, rois_ptr, K,
@@ -514,30 +534,29 @@ def _roi_align_bwd_det_kernel(
     acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), tl.float32)
     q = tl.arange(0, BLOCK_R * P_CHUNK)
     for r0 in range(0, K, BLOCK_R):
+        # The step's RoIs (column q belongs to RoI r0 + q // P_CHUNK). Most RoIs miss most
+        # tiles, so whether any reaches this tile is tested once per RoI block, before the
+        # bin chunks; the chunks recompute the geometry from the (cached) RoI rows rather than
+        # keep it live across the unrolled chunk loop, which spilled registers.
         k = r0 + q // P_CHUNK
-        for p0 in tl.static_range(0, PH * PW, P_CHUNK):
-            p = p0 + q % P_CHUNK
-            col_ok = (k < K) & (p < PH * PW)
-            b, x1, y1, x2, y2, roi_lvl = _load_rois(rois_ptr, k, col_ok, canonical_scale, canonical_level,
-                                                    k_min, k_max, NUM_LEVELS)
-            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW,
-                                                                              SAMPLING, ALIGNED)
-            # Samples lie inside the (scaled) box and touch cells at most one away from it, after
-            # clamping to the map: keep columns whose box reaches the tile (with a 2-cell margin).
-            end_y = start_y + PH * bin_h
-            end_x = start_x + PW * bin_w
-            col_ok = (col_ok & (b == n) & (roi_lvl == lvl)
-                      & (tl.maximum(start_y, end_y) >= tile_y0 - 2) & (tl.minimum(start_y, end_y) <= tile_y0 + TILE_H + 1)
-                      & (tl.maximum(start_x, end_x) >= tile_x0 - 2) & (tl.minimum(start_x, end_x) <= tile_x0 + TILE_W + 1))
-            if tl.max(col_ok.to(tl.int32), axis=0) > 0:
-                if SAMPLING > 0:
-                    n_y: tl.constexpr = SAMPLING
-                    n_x: tl.constexpr = SAMPLING
-                else:
-                    n_y = tl.max(tl.where(col_ok, grid_h, 0), axis=0)
-                    n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
-                # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over the
-                # tile's cells (row-major, as the store below).
+        reach, _, _, _, _, grid_h, grid_w, _ = _tile_rois(
+            rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
+            k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
+        if tl.max(reach.to(tl.int32), axis=0) > 0:
+            if SAMPLING > 0:
+                n_y: tl.constexpr = SAMPLING
+                n_x: tl.constexpr = SAMPLING
+            else:  # the largest grid among the RoIs that reach the tile; the others' columns are masked
+                n_y = tl.max(tl.where(reach, grid_h, 0), axis=0)
+                n_x = tl.max(tl.where(reach, grid_w, 0), axis=0)
+            for p0 in range(0, PH * PW, P_CHUNK):
+                p = p0 + q % P_CHUNK
+                reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _tile_rois(
+                    rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
+                    k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
+                col_ok = reach & (p < PH * PW)
+                # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over
+                # the tile's cells (row-major, as the store below).
                 wy = _axis_weights(rows, start_y + (p // PW).to(tl.float32) * bin_h, bin_h, grid_h,
                                    tl.maximum(grid_h, 1).to(tl.float32), n_y, height, col_ok)
                 wx = _axis_weights(cols, start_x + (p % PW).to(tl.float32) * bin_w, bin_w, grid_w,
@@ -606,9 +625,12 @@ def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_las
     """(BLOCK_R, BLOCK_P, BLOCK_C, num_warps) for the forward and atomic backward kernels.
 
     GPU, channels-last: one program per (RoI, bin) with a contiguous vector of up to 256
-    channels; GPU, NCHW: one RoI's bins times a few channels. Interpreter (CPU): each
-    operation costs the same whatever the block, so a program takes up to 32 whole RoIs with
-    all their channels (up to 64).
+    channels, 2 warps. GPU, NCHW: one RoI's bins (up to 1024) times as many channels as make
+    1024 elements, 8 warps (4 elements per thread). Compiled for sm_90, 2048-element tiles
+    on 4 warps (16 per thread) needed 164 registers with Triton 3.9 but 255 and a 24-byte
+    spill stack with Triton 3.6; at 4 elements per thread both stay near 100, no spills.
+    Interpreter (CPU): each operation costs the same whatever the block, so a program takes
+    up to 32 whole RoIs with all their channels (up to 64).
     """
     if not gpu_launch(device):
         br, bp, bc = min(32, triton.next_power_of_2(max(k, 1))), triton.next_power_of_2(n_bins), \
@@ -616,10 +638,10 @@ def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_las
     elif channels_last:
         br, bp, bc = 1, 1, min(256, triton.next_power_of_2(c))
     else:
-        br, bp = 1, triton.next_power_of_2(n_bins)
-        bc = max(1, min(triton.next_power_of_2(c), 2048 // bp))
+        br, bp = 1, min(1024, triton.next_power_of_2(n_bins))
+        bc = max(1, min(triton.next_power_of_2(c), 1024 // bp))
     br, bp, bc = block_r or br, block_p or bp, block_c or bc
-    warps = max(1, min(4, br * bp * bc // 128))
+    warps = max(1, min(8, br * bp * bc // 128))
     return br, bp, bc, warps
 
 
@@ -679,19 +701,22 @@ def _grad_layout(shapes, channels_last: list[bool]):
 def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     """(TILE_H, TILE_W, BLOCK_C, BLOCK_R, P_CHUNK) for the deterministic backward.
 
-    GPU: 8x8 cells x 32 channels, one RoI and 64 bins per step (a 64x64x32 product), with 8
-    warps: compiled for sm_90, 64 channels with 4 warps needed 255 registers and a 928-byte
-    stack (spills); 32 channels with 8 warps need 196 registers and no stack.
+    GPU: 8x8 cells x 32 channels, one RoI and 32 bins per step (a 64x32x32 product), with 8
+    warps. Compiled for sm_90 (register report of the cubin): 64 channels on 4 warps needed
+    255 registers and a 928-byte stack with Triton 3.9; with the bin chunks unrolled, 32
+    channels on 8 warps needed 196 registers with Triton 3.9 but spilled with Triton 3.6.
+    The chunks are now a loop: 32 bins per step need 74 (3.9) to 112 (3.6) registers and no
+    stack; Triton 3.6 spilled a few bytes at 16 and at 64 bins.
     Interpreter: tiles of up to 16x32 cells and up to 32 RoIs per step, so that few programs
     and few steps cover the levels.
     """
-    p_chunk = max(16, min(64, triton.next_power_of_2(n_bins)))
     bc = max(16, min(64, triton.next_power_of_2(c)))
     if not gpu_launch(device):
         th = max(4, min(16, triton.next_power_of_2(max(s[2] for s in shapes))))
         tw = max(4, min(32, triton.next_power_of_2(max(s[3] for s in shapes))))
+        p_chunk = max(16, min(64, triton.next_power_of_2(n_bins)))
         return th, tw, bc, min(32, triton.next_power_of_2(max(k, 1))), p_chunk
-    return 8, 8, min(bc, 32), 1, p_chunk
+    return 8, 8, min(bc, 32), 1, 32
 
 
 def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple[int, int, int, int]],

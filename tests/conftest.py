@@ -22,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # The interpreter tests would all fail with the same error: say it once, with the fix.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from fastmask.ops._backend import interpreter_blocker
+
+        if (reason := interpreter_blocker()) is not None:
+            raise pytest.UsageError(f"the Triton kernel tests run in Triton's interpreter, but {reason}")

@@ -31,6 +31,27 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_blocker() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+
+    Triton 3.6's interpreter turns a scalar that a kernel computed (a loop bound such as RoI
+    Align's adaptive sampling grid) into a Python int with ``int()`` of a one-element array,
+    which NumPy 2.4 made an error; Triton 3.7 fixed it. The compiled (GPU) path is not affected.
+    """
+    import numpy
+    from importlib.metadata import version
+
+    def release(text: str) -> tuple[int, int]:
+        major, minor = text.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    triton_v, numpy_v = version("triton"), numpy.__version__
+    if release(triton_v) < (3, 7) and release(numpy_v) >= (2, 4):
+        return (f"Triton {triton_v}'s interpreter cannot run with NumPy {numpy_v} (it converts one-element "
+                "arrays to Python ints, an error since NumPy 2.4); install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
 def check_backend_name(backend: str | None) -> str:
     """Return the backend name in force (``backend`` or the environment), validated."""
     name = os.environ.get(ENV_VAR, "auto") if backend is None else backend
@@ -45,6 +66,8 @@ def _triton_unusable_reason(device: torch.device, dtype: torch.dtype, dtypes) ->
         return "the triton package is not installed"
     if device.type == "cpu" and not interpreter_enabled():
         return "the tensors are on the CPU; set TRITON_INTERPRET=1 (before triton is imported) to run the kernels in Triton's interpreter, or use backend='torch'"
+    if device.type == "cpu" and (blocker := interpreter_blocker()) is not None:
+        return blocker
     if device.type not in ("cpu", "cuda"):
         return f"tensors on device type {device.type!r} are not supported by the Triton kernels"
     if dtypes is not None and dtype not in dtypes:

@@ -16,6 +16,8 @@ import platform
 import re
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -113,6 +115,15 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _write_json(stem: Path, env: dict, quick: bool, rows: list[dict], failures: dict, seconds: dict,
+                complete: bool) -> None:
+    """The run's JSON; ``complete`` is False while benchmarks are still to come."""
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"env": env, "quick": quick, "complete": complete, "seconds": seconds,
+                               "rows": rows, "failures": failures}, indent=1))
+    tmp.replace(stem.with_suffix(".json"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
@@ -124,25 +135,28 @@ def main(argv=None) -> int:
         p.error("--device cuda was asked for but no CUDA GPU is available")
 
     env = environment(args.device)
-    rows, failures = [], {}
-    for name in args.only or list(BENCHMARKS):
-        print(f"== {name}", flush=True)
-        mod = importlib.import_module(BENCHMARKS[name])
-        try:
-            got = mod.run(quick=args.quick, device=args.device)
-        except Exception as exc:  # record and go on: one broken benchmark must not lose the others
-            failures[name] = f"{type(exc).__name__}: {exc}"
-            print(f"   FAILED: {failures[name]}", file=sys.stderr)
-            continue
-        rows.extend(got)
-    add_ratios(rows)
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
     stem = out / f"{dt.date.today().isoformat()}-{tag}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "quick": args.quick, "rows": rows,
-                                                     "failures": failures}, indent=1))
+    names = args.only or list(BENCHMARKS)
+    rows, failures, seconds = [], {}, {}
+    for name in names:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        mod = importlib.import_module(BENCHMARKS[name])
+        try:
+            rows.extend(mod.run(quick=args.quick, device=args.device))
+        except Exception as exc:  # record and go on: one broken benchmark must not lose the others
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            print(f"   FAILED: {failures[name]}", file=sys.stderr)
+            traceback.print_exc()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"   {name}: {seconds[name]} s", flush=True)
+        # Written after every benchmark, so a run cut off by a time limit keeps what finished.
+        _write_json(stem, env, args.quick, rows, failures, seconds, complete=False)
+    add_ratios(rows)
+    _write_json(stem, env, args.quick, rows, failures, seconds, complete=True)
     md = markdown(env, rows)
     stem.with_suffix(".md").write_text(md)
     chart(rows, stem.with_suffix(".png"), f"{env['device']} ({env['date'][:10]})")

@@ -476,7 +476,7 @@ def _roi_align_bwd_det_kernel(
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    P_CHUNK: tl.constexpr,
+    P_CHUNK: tl.constexpr, SCAN: tl.constexpr,
 ):
     """RoI Align backward, deterministic: every gradient cell is gathered by exactly one program.
 
@@ -490,10 +490,12 @@ def _roi_align_bwd_det_kernel(
 
     Bilinear weights are separable and a bin's samples form a product grid, so the gradient
     a column q = (RoI k, bin p) sends to cell t is Wy[t, q] * Wx[t, q] * grad_out[k, :, p] / count.
-    A program walks the RoIs in order, BLOCK_R at a time and P_CHUNK bins at a time, keeps the
-    columns of RoIs pooled from its level and image whose box reaches the tile, and adds one
-    matrix product (Wy * Wx) @ grad_out per step: a fixed summation order, no float atomics,
-    so the result is bitwise reproducible. The RoIs are read once per tile (K * 20 bytes).
+    A program tests the RoIs against its tile SCAN at a time, walks the blocks with a hit in
+    order, BLOCK_R RoIs and P_CHUNK bins at a time, keeps the columns of RoIs pooled from its
+    level and image whose box reaches the tile, and adds one matrix product
+    (Wy * Wx) @ grad_out per step: a fixed summation order, no float atomics, so the result is
+    bitwise reproducible. The RoIs are read once per tile (K * 20 bytes, from L2), and again
+    for the blocks with a hit.
     """
     pid = tl.program_id(0)
     lvl = pid * 0
@@ -533,39 +535,47 @@ def _roi_align_bwd_det_kernel(
 
     acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), tl.float32)
     q = tl.arange(0, BLOCK_R * P_CHUNK)
-    for r0 in range(0, K, BLOCK_R):
-        # The step's RoIs (column q belongs to RoI r0 + q // P_CHUNK). Most RoIs miss most
-        # tiles, so whether any reaches this tile is tested once per RoI block, before the
-        # bin chunks; the chunks recompute the geometry from the (cached) RoI rows rather than
-        # keep it live across the unrolled chunk loop, which spilled registers.
-        k = r0 + q // P_CHUNK
-        reach, _, _, _, _, grid_h, grid_w, _ = _tile_rois(
-            rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
-            k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
-        if tl.max(reach.to(tl.int32), axis=0) > 0:
-            if SAMPLING > 0:
-                n_y: tl.constexpr = SAMPLING
-                n_x: tl.constexpr = SAMPLING
-            else:  # the largest grid among the RoIs that reach the tile; the others' columns are masked
-                n_y = tl.max(tl.where(reach, grid_h, 0), axis=0)
-                n_x = tl.max(tl.where(reach, grid_w, 0), axis=0)
-            for p0 in range(0, PH * PW, P_CHUNK):
-                p = p0 + q % P_CHUNK
-                reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _tile_rois(
+    s = tl.arange(0, SCAN)
+    for r_scan in range(0, K, SCAN):
+        # Most RoIs miss most tiles (every RoI of another image or level does): test SCAN RoIs
+        # at once, as one vector, and skip them all when none reaches the tile; only the
+        # blocks with a hit are walked RoI by RoI.
+        reach_any = _tile_rois(rois_ptr, r_scan + s, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale,
+                               canonical_level, k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS,
+                               TILE_H, TILE_W)[0]
+        if tl.max(reach_any.to(tl.int32), axis=0) > 0:
+            for r0 in range(r_scan, tl.minimum(r_scan + SCAN, K), BLOCK_R):
+                # The step's RoIs (column q belongs to RoI r0 + q // P_CHUNK), tested once more
+                # before their bin chunks; each chunk recomputes the geometry from the (cached)
+                # RoI rows rather than keep it live across the chunk loop (registers).
+                k = r0 + q // P_CHUNK
+                reach, _, _, _, _, grid_h, grid_w, _ = _tile_rois(
                     rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
                     k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
-                col_ok = reach & (p < PH * PW)
-                # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over
-                # the tile's cells (row-major, as the store below).
-                wy = _axis_weights(rows, start_y + (p // PW).to(tl.float32) * bin_h, bin_h, grid_h,
-                                   tl.maximum(grid_h, 1).to(tl.float32), n_y, height, col_ok)
-                wx = _axis_weights(cols, start_x + (p % PW).to(tl.float32) * bin_w, bin_w, grid_w,
-                                   tl.maximum(grid_w, 1).to(tl.float32), n_x, width, col_ok)
-                w = tl.reshape(wy[:, None, :] * wx[None, :, :], (TILE_H * TILE_W, BLOCK_R * P_CHUNK))
-                go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
-                go = tl.load(grad_out_ptr + go_col[:, None] + (offs_c * go_stride_c)[None, :],
-                             mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(w, tl.div_rn(go, count[:, None]), acc, input_precision="ieee")
+                if tl.max(reach.to(tl.int32), axis=0) > 0:
+                    if SAMPLING > 0:
+                        n_y: tl.constexpr = SAMPLING
+                        n_x: tl.constexpr = SAMPLING
+                    else:  # the largest grid of the RoIs that reach the tile; other columns are masked
+                        n_y = tl.max(tl.where(reach, grid_h, 0), axis=0)
+                        n_x = tl.max(tl.where(reach, grid_w, 0), axis=0)
+                    for p0 in range(0, PH * PW, P_CHUNK):
+                        p = p0 + q % P_CHUNK
+                        reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _tile_rois(
+                            rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
+                            k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
+                        col_ok = reach & (p < PH * PW)
+                        # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over
+                        # the tile's cells (row-major, as the store below).
+                        wy = _axis_weights(rows, start_y + (p // PW).to(tl.float32) * bin_h, bin_h, grid_h,
+                                           tl.maximum(grid_h, 1).to(tl.float32), n_y, height, col_ok)
+                        wx = _axis_weights(cols, start_x + (p % PW).to(tl.float32) * bin_w, bin_w, grid_w,
+                                           tl.maximum(grid_w, 1).to(tl.float32), n_x, width, col_ok)
+                        w = tl.reshape(wy[:, None, :] * wx[None, :, :], (TILE_H * TILE_W, BLOCK_R * P_CHUNK))
+                        go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
+                        go = tl.load(grad_out_ptr + go_col[:, None] + (offs_c * go_stride_c)[None, :],
+                                     mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                        acc = tl.dot(w, tl.div_rn(go, count[:, None]), acc, input_precision="ieee")
 
     # Every cell of the tile is written (zero where no RoI reaches it).
     cell_rows = tile_y0 + tl.arange(0, TILE_H * TILE_W) // TILE_W
@@ -698,6 +708,11 @@ def _grad_layout(shapes, channels_last: list[bool]):
     return strides, offsets, total
 
 
+# RoIs the deterministic backward tests together against a tile before walking them one
+# step at a time (a multiple of its BLOCK_R, which is 1 on the GPU and up to 32 otherwise).
+DET_SCAN = 32
+
+
 def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     """(TILE_H, TILE_W, BLOCK_C, BLOCK_R, P_CHUNK) for the deterministic backward.
 
@@ -705,8 +720,8 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     warps. Compiled for sm_90 (register report of the cubin): 64 channels on 4 warps needed
     255 registers and a 928-byte stack with Triton 3.9; with the bin chunks unrolled, 32
     channels on 8 warps needed 196 registers with Triton 3.9 but spilled with Triton 3.6.
-    The chunks are now a loop: 32 bins per step need 74 (3.9) to 112 (3.6) registers and no
-    stack; Triton 3.6 spilled a few bytes at 16 and at 64 bins.
+    The chunks are now a loop of 32 bins (Triton 3.6 spilled a few bytes at 16 and at 64),
+    inside the scan over blocks of DET_SCAN RoIs: 104 to 115 registers with either, no stack.
     Interpreter: tiles of up to 16x32 cells and up to 32 RoIs per step, so that few programs
     and few steps cover the levels.
     """
@@ -760,7 +775,7 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
             grad_ptr=out, grad_out_ptr=grad_out, **{f"tile_start{i}": s for i, s in enumerate(starts)},
             **offsets_kw, **level_kwargs, **go_strides, **roi_kwargs,
             STRIDE_ALIGN=align, C_CONTIG=c_contig, TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk,
-            num_warps=8 if gpu_launch(device) else 4,
+            SCAN=max(DET_SCAN, br), num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:
         br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, block_r, block_p, block_c)

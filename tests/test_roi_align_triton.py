@@ -271,6 +271,32 @@ def test_every_output_written(device, layout):
             assert_close_verbose(a.cpu(), b.cpu(), *TOL[torch.float32], what=f"det block_r={block_r} level {i}")
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_deterministic_backward_gpu_shape_scans_rois_in_blocks(device):
+    """The GPU's deterministic configuration (one RoI per step) over more RoIs than one scan
+    block holds (DET_SCAN), the last block partial: gradients equal the atomic kernel's, and
+    every element of the NaN-filled buffer is written."""
+    from kernels.roi_align import DET_SCAN, roi_align_bwd
+
+    feats = make_pyramid(2, 12, 2, "nchw", seed=23, device=device)
+    boxes = [pyramid_boxes(DET_SCAN - 10, IMAGE_SIZES[0], 24, device), pyramid_boxes(4, IMAGE_SIZES[1], 25, device)]
+    rois = boxes_to_rois(boxes).float().contiguous()
+    assert DET_SCAN < rois.shape[0] < 2 * DET_SCAN
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    k_min, k_max = level_range(scales)
+    out_size = (2, 2)
+    grad = torch.randn(rois.shape[0], 12, *out_size, generator=torch.Generator().manual_seed(26)).to(device)
+    shapes = [tuple(f.shape) for f in feats]
+    cl = [False] * len(feats)
+    ref = roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max)
+    buf = torch.full((sum(math.prod(s) for s in shapes),), float("nan"), device=device)
+    got = roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max,
+                        deterministic=True, out=buf, block_r=1)
+    assert all(a.abs().sum() > 0 for a in got)  # every level received gradient
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_close_verbose(a.cpu(), b.cpu(), *TOL[torch.float32], what=f"det, one RoI per step, level {i}")
+
+
 # --------------------------------------------------------------------------- edge cases
 
 

@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh wheels                 # beforehand, on a machine with pip access:
 #                                                         # the missing packages' wheels into .whl/
 #   bash benchmarks/gpu_session.sh tests OUT_DIR          # CUDA-marked tests -> OUT_DIR/cuda-tests.{xml,txt}
+#   bash benchmarks/gpu_session.sh matrix OUT_DIR         # the CPU suite's kernel matrix on CUDA (test ids
+#                                                         # with a cuda device) -> OUT_DIR/matrix-tests.*
 #   bash benchmarks/gpu_session.sh bench OUT_DIR [OP...]  # python -m benchmarks.run [--only OP] --out OUT_DIR
 #
 # The GPU machine has no network and lacks pycocotools, which the training and data modules
@@ -14,14 +16,14 @@
 # ten-minute window; results land under OUT_DIR and are then committed under
 # benchmarks/results/.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh wheels | tests|bench OUT_DIR [OP...]}
+stage=${1:?usage: gpu_session.sh wheels | tests|matrix|bench OUT_DIR [OP...]}
 if [ "$stage" = wheels ]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl pycocotools==2.0.11
   exit $?
 fi
-out=${2:?usage: gpu_session.sh tests|bench OUT_DIR [OP...]}
+out=${2:?usage: gpu_session.sh tests|matrix|bench OUT_DIR [OP...]}
 shift 2
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,6 +44,16 @@ case "$stage" in
       2>&1 | tee "$out/cuda-tests.txt"
     exit "${PIPESTATUS[0]}"
     ;;
+  matrix)
+    # Every test parametrized over TRITON_DEVICES runs its CUDA case here (the CPU cases need
+    # the interpreter, which is off): the full dtype / layout / edge-case matrix, compiled.
+    # Compiling its many kernel variants is the slow part, so it is spread over processes.
+    workers=()
+    python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+    python3 -m pytest tests -m "not cuda" -k cuda -q -rfEs --continue-on-collection-errors ${workers[@]+"${workers[@]}"} \
+      --junitxml="$out/matrix-tests.xml" 2>&1 | tee "$out/matrix-tests.txt"
+    exit "${PIPESTATUS[0]}"
+    ;;
   bench)
     only=()
     for op in "$@"; do only+=(--only "$op"); done
@@ -49,7 +61,7 @@ case "$stage" in
     exit "${PIPESTATUS[0]}"
     ;;
   *)
-    echo "unknown stage $stage (tests or bench)" >&2
+    echo "unknown stage $stage (wheels, tests, matrix or bench)" >&2
     exit 2
     ;;
 esac

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastmask.ops import resolve_backend, roi_align
-from fastmask.ops._backend import check_backend_name, interpreter_blocker
+from fastmask.ops._backend import check_backend_name, interpreter_blocker_for
 
 
 def test_names_and_environment(monkeypatch):
@@ -40,22 +40,22 @@ def test_triton_unsupported_dtype_raises(monkeypatch):
 
 @pytest.mark.parametrize("triton_v,numpy_v,blocked", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
                                                      ("3.7.0", "2.4.6", False), ("3.10.1", "3.0.0", False),
-                                                     ("3.6.0+git1a2b", "2.10.0rc1", True)])
-def test_interpreter_blocker_names_the_fix(monkeypatch, triton_v, numpy_v, blocked):
-    import importlib.metadata
-
-    import numpy
-
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: triton_v if name == "triton" else real(name))
-    monkeypatch.setattr(numpy, "__version__", numpy_v)
-    reason = interpreter_blocker()
+                                                     ("3.6.0+git1a2b", "2.10.0rc1", True), ("3.5", "3", True)])
+def test_interpreter_blocker_names_the_fix(triton_v, numpy_v, blocked):
+    reason = interpreter_blocker_for(triton_v, numpy_v)
     assert (reason is not None) == blocked
     if blocked:
-        assert "numpy<2.4" in reason and "triton>=3.7" in reason
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        with pytest.raises(RuntimeError, match="roi_align: backend='triton' was asked for but cannot run: Triton 3.6"):
-            roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, backend="triton")
+        assert triton_v in reason and "numpy<2.4" in reason and "triton>=3.7" in reason
+
+
+def test_interpreter_blocker_stops_the_triton_backend(monkeypatch):
+    import fastmask.ops._backend as backend
+
+    monkeypatch.setattr(backend, "interpreter_blocker", lambda: interpreter_blocker_for("3.6.0", "2.4.6"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="roi_align: backend='triton' was asked for but cannot run: Triton 3.6"):
+        roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, backend="triton")
+    assert roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, backend="auto").shape == (1, 1, 2, 2)
 
 
 def test_torch_backend_never_imports_triton():

@@ -13,8 +13,10 @@ falls back silently.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -31,24 +33,28 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def interpreter_blocker() -> str | None:
-    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None."""
+    import numpy
+    from importlib.metadata import version
+
+    return interpreter_blocker_for(version("triton"), numpy.__version__)
+
+
+def interpreter_blocker_for(triton_version: str, numpy_version: str) -> str | None:
+    """``interpreter_blocker`` for given versions.
 
     Triton 3.6's interpreter turns a scalar that a kernel computed (a loop bound such as RoI
     Align's adaptive sampling grid) into a Python int with ``int()`` of a one-element array,
     which NumPy 2.4 made an error; Triton 3.7 fixed it. The compiled (GPU) path is not affected.
     """
-    import numpy
-    from importlib.metadata import version
+    def release(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
 
-    def release(text: str) -> tuple[int, int]:
-        major, minor = text.split(".")[:2]
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-    triton_v, numpy_v = version("triton"), numpy.__version__
-    if release(triton_v) < (3, 7) and release(numpy_v) >= (2, 4):
-        return (f"Triton {triton_v}'s interpreter cannot run with NumPy {numpy_v} (it converts one-element "
-                "arrays to Python ints, an error since NumPy 2.4); install 'numpy<2.4' or 'triton>=3.7'")
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} (it converts "
+                "one-element arrays to Python ints, an error since NumPy 2.4); install 'numpy<2.4' or 'triton>=3.7'")
     return None
 
 

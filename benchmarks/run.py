@@ -154,9 +154,8 @@ def main(argv=None) -> int:
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"   {name}: {seconds[name]} s", flush=True)
         # Written after every benchmark, so a run cut off by a time limit keeps what finished.
-        _write_json(stem, env, args.quick, rows, failures, seconds, complete=False)
-    add_ratios(rows)
-    _write_json(stem, env, args.quick, rows, failures, seconds, complete=True)
+        add_ratios(rows)
+        _write_json(stem, env, args.quick, rows, failures, seconds, complete=name == names[-1])
     md = markdown(env, rows)
     stem.with_suffix(".md").write_text(md)
     chart(rows, stem.with_suffix(".png"), f"{env['device']} ({env['date'][:10]})")

@@ -540,25 +540,24 @@ def _roi_align_bwd_det_kernel(
         # Most RoIs miss most tiles (every RoI of another image or level does): test SCAN RoIs
         # at once, as one vector, and skip them all when none reaches the tile; only the
         # blocks with a hit are walked RoI by RoI.
-        reach_any = _tile_rois(rois_ptr, r_scan + s, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale,
-                               canonical_level, k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS,
-                               TILE_H, TILE_W)[0]
+        reach_any, _, _, _, _, grid_h_any, grid_w_any, _ = _tile_rois(
+            rois_ptr, r_scan + s, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
+            k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
         if tl.max(reach_any.to(tl.int32), axis=0) > 0:
             for r0 in range(r_scan, tl.minimum(r_scan + SCAN, K), BLOCK_R):
-                # The step's RoIs (column q belongs to RoI r0 + q // P_CHUNK), tested once more
-                # before their bin chunks; each chunk recomputes the geometry from the (cached)
-                # RoI rows rather than keep it live across the chunk loop (registers).
-                k = r0 + q // P_CHUNK
-                reach, _, _, _, _, grid_h, grid_w, _ = _tile_rois(
-                    rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
-                    k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
-                if tl.max(reach.to(tl.int32), axis=0) > 0:
+                # The step's RoIs (column q belongs to RoI r0 + q // P_CHUNK): whether any
+                # reaches the tile, and their largest sampling grid, read off the scan's vector.
+                in_step = reach_any & (s >= r0 - r_scan) & (s < r0 - r_scan + BLOCK_R)
+                if tl.max(in_step.to(tl.int32), axis=0) > 0:
+                    k = r0 + q // P_CHUNK
                     if SAMPLING > 0:
                         n_y: tl.constexpr = SAMPLING
                         n_x: tl.constexpr = SAMPLING
                     else:  # the largest grid of the RoIs that reach the tile; other columns are masked
-                        n_y = tl.max(tl.where(reach, grid_h, 0), axis=0)
-                        n_x = tl.max(tl.where(reach, grid_w, 0), axis=0)
+                        n_y = tl.max(tl.where(in_step, grid_h_any, 0), axis=0)
+                        n_x = tl.max(tl.where(in_step, grid_w_any, 0), axis=0)
+                    # Each bin chunk recomputes the geometry from the (cached) RoI rows rather
+                    # than keep it live across the chunk loop (registers).
                     for p0 in range(0, PH * PW, P_CHUNK):
                         p = p0 + q % P_CHUNK
                         reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _tile_rois(
@@ -709,7 +708,8 @@ def _grad_layout(shapes, channels_last: list[bool]):
 
 
 # RoIs the deterministic backward tests together against a tile before walking them one
-# step at a time (a multiple of its BLOCK_R, which is 1 on the GPU and up to 32 otherwise).
+# step at a time (rounded up to a multiple of its BLOCK_R, 1 on the GPU and up to 32
+# otherwise, so that no step straddles two scan blocks).
 DET_SCAN = 32
 
 
@@ -775,7 +775,7 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
             grad_ptr=out, grad_out_ptr=grad_out, **{f"tile_start{i}": s for i, s in enumerate(starts)},
             **offsets_kw, **level_kwargs, **go_strides, **roi_kwargs,
             STRIDE_ALIGN=align, C_CONTIG=c_contig, TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk,
-            SCAN=max(DET_SCAN, br), num_warps=8 if gpu_launch(device) else 4,
+            SCAN=br * triton.cdiv(DET_SCAN, br), num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:
         br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, block_r, block_p, block_c)

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from benchmarks.common import bench, row, sync
+from benchmarks.common import bench, record, row, sync
 
 FULL = {"hw": (800, 1333), "batches": (1, 2), "train_batch": 2}
 QUICK = {"hw": (192, 256), "batches": (1,), "train_batch": 1, "min_size": 192, "max_size": 256}
@@ -161,9 +161,9 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
         ref = models["torchvision"].eval()(imgs)
         for name, m in models.items():
             if name != "torchvision":
-                rows.append({"op": "model", "case": "output parity vs torchvision", "provider": name,
-                             "dtype": "fp32", "median_ms": float("nan"), "p20_ms": float("nan"),
-                             "p80_ms": float("nan"), **_max_output_diff(m.eval()(imgs), ref)})
+                rows.append(record({"op": "model", "case": "output parity vs torchvision", "provider": name,
+                                    "dtype": "fp32", "median_ms": float("nan"), "p20_ms": float("nan"),
+                                    "p80_ms": float("nan"), **_max_output_diff(m.eval()(imgs), ref)}))
     # Training step.
     b = cfg["train_batch"]
     train_inputs = [(_images(b, cfg["hw"], device, s), _targets(_images(b, cfg["hw"], "cpu", s), device, s))
@@ -197,9 +197,9 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
             m.to(memory_format=torch.contiguous_format)
     imgs = _images(1, cfg["hw"], device, 9)
     for name, m in models.items():
-        rows.append({"op": "model", "case": "inference breakdown ms (profiler)", "provider": name, "dtype": "fp32",
-                     "median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan"),
-                     "breakdown": breakdown(m.eval(), imgs, device)})
+        rows.append(record({"op": "model", "case": "inference breakdown ms (profiler)", "provider": name,
+                            "dtype": "fp32", "median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan"),
+                            "breakdown": breakdown(m.eval(), imgs, device)}))
     return rows
 
 

@@ -45,13 +45,32 @@ def bench(fn: Callable, inputs: Sequence | None = None, *, device: str = "cuda",
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
+# Every row made since the runner last called ``recorded_rows(reset=True)``: what a benchmark
+# had finished when its time budget ran out (the runner then keeps these instead of the list
+# the benchmark would have returned).
+_RECORDED: list[dict] = []
+
+
+def record(r: dict) -> dict:
+    """Keep ``r`` as a finished result of the running benchmark; returns it."""
+    _RECORDED.append(r)
+    return r
+
+
+def recorded_rows(reset: bool = False) -> list[dict]:
+    rows = list(_RECORDED)
+    if reset:
+        _RECORDED.clear()
+    return rows
+
+
 def row(op: str, case: str, provider: str, dtype, timing: dict, nbytes: float | None = None, **extra) -> dict:
     """One result row; ``gbps`` is the bytes-moved floor over the median time."""
     r = {"op": op, "case": case, "provider": provider, "dtype": str(dtype).replace("torch.", ""), **timing, **extra}
     if nbytes is not None:
         r["bytes"] = nbytes
         r["gbps"] = nbytes / (timing["median_ms"] * 1e-3) / 1e9
-    return r
+    return record(r)
 
 
 def sync(device: str) -> None:

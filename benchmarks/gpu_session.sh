@@ -1,67 +1,163 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in the order that matters: the CUDA tests of every kernel, then
-# the benchmarks. Run from the repository root on a machine with a CUDA GPU, with torch,
-# torchvision and triton already installed (the checkout is put on PYTHONPATH):
+# A GPU session's checks, for a machine lent for a short time. Run from the repository root on
+# a machine with a CUDA GPU and torch, torchvision and triton installed (the checkout is put on
+# PYTHONPATH; nothing is installed but the carried wheels):
 #
-#   bash benchmarks/gpu_session.sh wheels                 # beforehand, on a machine with pip access:
-#                                                         # the missing packages' wheels into .whl/
-#   bash benchmarks/gpu_session.sh tests OUT_DIR          # CUDA-marked tests -> OUT_DIR/cuda-tests.{xml,txt}
-#   bash benchmarks/gpu_session.sh matrix OUT_DIR         # the CPU suite's kernel matrix on CUDA (test ids
-#                                                         # with a cuda device) -> OUT_DIR/matrix-tests.*
-#   bash benchmarks/gpu_session.sh bench OUT_DIR [OP...]  # python -m benchmarks.run [--only OP] --out OUT_DIR
+#   bash benchmarks/gpu_session.sh all OUT_DIR            # THE command: every stage below, in order,
+#                                                         # each under its own time limit; <= 8 min on
+#                                                         # one H200 (16 cores); at most 8 files in OUT_DIR
+#   bash benchmarks/gpu_session.sh all OUT_DIR --dry-run  # the same stages and files on the CPU: the
+#                                                         # interpreter, quick sizes (CI runs this)
+#   bash benchmarks/gpu_session.sh wheels                 # beforehand, on a machine with pip access: the
+#                                                         # GPU machine's missing packages into .whl/
+#   bash benchmarks/gpu_session.sh tests|matrix|bench OUT_DIR [OP...]   # one stage alone, no time limit
+#
+# Stages of `all`: env (versions, GPU name), kernels (the CUDA case of every kernel test: each
+# kernel variant the model launches, compiled, workers spread over the cores), model (the
+# model-level parity on CUDA: triton backend against torch backend, same weights), bench (every
+# benchmark at the full sizes, each with a time budget; the JSON is rewritten after each). A
+# stage that fails or runs out of time does not stop the next. The last line printed (and of
+# OUT/session.txt) is the summary: tests passed and failed, benchmarks finished.
+#
+# Files written by `all` (the lease returns at most 8): session.txt (versions, GPU, each stage's
+# exit status and seconds, the summary), kernels.txt / kernels.xml and model.txt / model.xml
+# (pytest's log and JUnit XML), bench.txt (the runner's log), bench.json and bench.md (results).
 #
 # The GPU machine has no network and lacks pycocotools, which the training and data modules
 # (and their tests) import: `wheels` fetches it for that machine's Python (3.12), the GPU call
-# carries `.whl`, and the other stages install it from there. Each of those stages fits in a
-# ten-minute window; results land under OUT_DIR and are then committed under
-# benchmarks/results/.
+# carries `.whl`, and the other stages install it from there.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh wheels | tests|matrix|bench OUT_DIR [OP...]}
+usage="usage: gpu_session.sh all OUT_DIR [--dry-run] | wheels | tests|matrix|bench OUT_DIR [OP...]"
+stage=${1:?$usage}
 if [ "$stage" = wheels ]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl pycocotools==2.0.11
   exit $?
 fi
-out=${2:?usage: gpu_session.sh tests|matrix|bench OUT_DIR [OP...]}
+out=${2:?$usage}
 shift 2
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.csv" 2>&1 || true
-python3 - > "$out/versions.txt" 2>&1 <<'PY'
-import torch, triton, torchvision
-print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
-      "torchvision", torchvision.__version__, "device", torch.cuda.get_device_name())
+
+# pytest options that exist only with their plugin installed: workers across the cores
+# (pytest-xdist) and a per-test time limit (pytest-timeout), so that one hung test cannot use
+# up its stage's limit.
+pytest_extras() {  # WORKERS PER_TEST_S
+  python3 -c "import xdist" 2>/dev/null && [ "$1" -gt 1 ] && printf '%s\n' -n "$1"
+  python3 -c "import pytest_timeout" 2>/dev/null && printf '%s\n' "--timeout=$2"
+}
+
+versions() {  # fails if torch, triton or torchvision cannot be imported
+  local rc
+  python3 - <<'PY'
+import platform, torch, triton, torchvision
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, torchvision {torchvision.__version__}; {gpu}")
 PY
-case "$stage" in
-  tests)
-    # A module that cannot be imported there must not stop the CUDA tests of the others.
-    python3 -m pytest -m cuda tests -q -rfEs --continue-on-collection-errors --junitxml="$out/cuda-tests.xml" \
-      2>&1 | tee "$out/cuda-tests.txt"
-    exit "${PIPESTATUS[0]}"
-    ;;
-  matrix)
-    # Every test parametrized over TRITON_DEVICES runs its CUDA case here (the CPU cases need
-    # the interpreter, which is off): the full dtype / layout / edge-case matrix, compiled.
-    # Compiling its many kernel variants is the slow part, so it is spread over processes.
-    workers=()
-    python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-    python3 -m pytest tests -m "not cuda" -k cuda -q -rfEs --continue-on-collection-errors ${workers[@]+"${workers[@]}"} \
-      --junitxml="$out/matrix-tests.xml" 2>&1 | tee "$out/matrix-tests.txt"
-    exit "${PIPESTATUS[0]}"
-    ;;
-  bench)
-    only=()
-    for op in "$@"; do only+=(--only "$op"); done
-    python3 -m benchmarks.run --device cuda --out "$out" ${only[@]+"${only[@]}"} 2>&1 | tee "$out/bench.txt"
-    exit "${PIPESTATUS[0]}"
-    ;;
-  *)
-    echo "unknown stage $stage (wheels, tests, matrix or bench)" >&2
-    exit 2
-    ;;
-esac
+  rc=$?
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
+  return $rc
+}
+
+if [ "$stage" != all ]; then
+  versions > "$out/versions.txt" 2>&1
+  case "$stage" in
+    tests)
+      # A module that cannot be imported there must not stop the CUDA tests of the others.
+      python3 -m pytest -m cuda tests -q -rfEs --continue-on-collection-errors --junitxml="$out/cuda-tests.xml" \
+        2>&1 | tee "$out/cuda-tests.txt"
+      exit "${PIPESTATUS[0]}"
+      ;;
+    matrix)
+      # Every test parametrized over TRITON_DEVICES runs its CUDA case here.
+      mapfile -t extra < <(pytest_extras 8 300)
+      python3 -m pytest tests -m "not cuda" -k cuda -q -rfEs --continue-on-collection-errors ${extra[@]+"${extra[@]}"} \
+        --junitxml="$out/matrix-tests.xml" 2>&1 | tee "$out/matrix-tests.txt"
+      exit "${PIPESTATUS[0]}"
+      ;;
+    bench)
+      only=()
+      for op in "$@"; do only+=(--only "$op"); done
+      python3 -m benchmarks.run --device cuda --out "$out" ${only[@]+"${only[@]}"} 2>&1 | tee "$out/bench.txt"
+      exit "${PIPESTATUS[0]}"
+      ;;
+    *)
+      echo "unknown stage $stage; $usage" >&2
+      exit 2
+      ;;
+  esac
+fi
+
+# ---- all --------------------------------------------------------------------------------
+dry=0
+if [ "${1:-}" = --dry-run ]; then dry=1; shift; fi
+[ $# -eq 0 ] || { echo "unexpected arguments: $*; $usage" >&2; exit 2; }
+# Kernel tests: on the GPU the CUDA case of every test (the `cuda` marker or a cuda device
+# parameter); in the dry run the interpreter's CPU cases of the kernel test files.
+kernel_files=(tests/test_roi_align_triton.py tests/test_nms.py tests/test_boxes.py tests/test_masks.py
+              tests/test_proposals.py tests/test_model_postprocess.py tests/test_anchors.py)
+if [ $dry = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  mode="dry run (CPU, Triton's interpreter, quick sizes)"
+  kernels_sel=("${kernel_files[@]}" -k "cpu and not torch" -m "not model")
+  model_sel=(tests/test_model_backends.py -m model -k cpu)
+  bench_args=(--device cpu --quick --budget 30 --budget model=60)
+  workers=2
+  limit_env=60 limit_kernels=180 limit_model=120 limit_bench=240
+else
+  mode="GPU"
+  kernels_sel=(tests -k cuda -m "not model")
+  model_sel=(tests -m "model and cuda")
+  # Per-benchmark budgets (seconds), within the stage's limit; sized from the first H200 run.
+  bench_args=(--device cuda --budget roi_align=50 --budget nms=35 --budget proposals=25 --budget mask_paste=25
+              --budget model=85)
+  workers=16
+  # 30 + 150 + 60 + 235 = 475 s: the whole command stays under 8 minutes.
+  limit_env=30 limit_kernels=150 limit_model=60 limit_bench=235
+fi
+session="$out/session.txt"
+: > "$session"
+t_all=$(date +%s)
+say() { echo "$*" | tee -a "$session"; }
+
+# run_stage NAME LIMIT_S LOG CMD...: CMD under a wall-clock limit, its output to LOG and the
+# console. At the limit it gets SIGINT (pytest then still writes its XML and summary), and
+# SIGKILL 15 s later.
+run_stage() {
+  local name=$1 limit=$2 log=$3 t0 rc
+  shift 3
+  t0=$(date +%s)
+  say "== $name (limit ${limit} s, started $(date -u +%H:%M:%S))"
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  local note=""
+  case $rc in 124|137) note=", OUT OF TIME";; esac
+  say "   $name: exit $rc, $(( $(date +%s) - t0 )) s$note"
+}
+
+say "# gpu_session.sh all: $mode; $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+run_stage env "$limit_env" "$out/env.log" bash -c "$(declare -f versions); versions"
+cat "$out/env.log" >> "$session"
+rm -f "$out/env.log"
+
+mapfile -t extra < <(pytest_extras "$workers" 120)
+run_stage kernels "$limit_kernels" "$out/kernels.txt" \
+  python3 -m pytest "${kernels_sel[@]}" -v -p no:cacheprovider --continue-on-collection-errors \
+  ${extra[@]+"${extra[@]}"} --junitxml="$out/kernels.xml"
+
+mapfile -t extra < <(pytest_extras 1 "$limit_model")
+run_stage model "$limit_model" "$out/model.txt" \
+  python3 -m pytest "${model_sel[@]}" -v -p no:cacheprovider ${extra[@]+"${extra[@]}"} --junitxml="$out/model.xml"
+
+run_stage bench "$limit_bench" "$out/bench.txt" \
+  python3 -m benchmarks.run "${bench_args[@]}" --out "$out" --name bench --no-chart
+
+python3 -m benchmarks.session_summary "$out" --seconds "$(( $(date +%s) - t_all ))" | tee -a "$session"
+exit "${PIPESTATUS[0]}"

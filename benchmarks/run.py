@@ -1,9 +1,12 @@
 """Run every benchmark and record the results: ``python -m benchmarks.run``.
 
 Options: ``--quick`` (small sizes, few repeats: the CI smoke run), ``--only OP`` (repeatable),
-``--device cuda|cpu``, ``--out DIR``. Writes ``<date>-<device>.json`` (device, versions,
-commit, shapes, medians, ratios), a Markdown table and a PNG chart of the speed-ups over
-torchvision. Every provider of a case is timed in the same run.
+``--device cuda|cpu``, ``--out DIR``, ``--name STEM`` (file names; default ``<date>-<device>``),
+``--budget [OP=]SECONDS`` (a time limit per benchmark: when it runs out, the rows it finished
+are kept and the run goes on with the next), ``--no-chart``. Writes ``STEM.json`` (device,
+versions, commit, shapes, medians, ratios, seconds per benchmark, failures, which ran out of
+time), a Markdown table and a PNG chart of the speed-ups over torchvision. Every provider of a
+case is timed in the same run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib
 import json
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,13 +26,9 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = {
-    "roi_align": "benchmarks.bench_roi_align",
-    "nms": "benchmarks.bench_nms",
-    "proposals": "benchmarks.bench_proposals",
-    "mask_paste": "benchmarks.bench_mask_paste",
-    "model": "benchmarks.bench_model",
-}
+from benchmarks import BENCHMARKS
+from benchmarks.common import recorded_rows
+
 BASELINE = "torchvision"
 
 
@@ -116,12 +116,54 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _write_json(stem: Path, env: dict, quick: bool, rows: list[dict], failures: dict, seconds: dict,
-                complete: bool) -> None:
+                out_of_time: dict, complete: bool) -> None:
     """The run's JSON; ``complete`` is False while benchmarks are still to come."""
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"env": env, "quick": quick, "complete": complete, "seconds": seconds,
-                               "rows": rows, "failures": failures}, indent=1))
+                               "out_of_time": out_of_time, "rows": rows, "failures": failures}, indent=1))
     tmp.replace(stem.with_suffix(".json"))
+
+
+class OutOfTime(Exception):
+    """A benchmark's time budget ran out."""
+
+
+def _alarm(_signum, _frame):
+    raise OutOfTime
+
+
+def parse_budgets(specs: list[str] | None) -> dict[str | None, float]:
+    """``["60", "model=120"]`` -> ``{None: 60.0, "model": 120.0}`` (None: every other benchmark)."""
+    budgets: dict[str | None, float] = {}
+    for spec in specs or []:
+        name, _, value = spec.rpartition("=")
+        if name and name not in BENCHMARKS:
+            raise ValueError(f"--budget {spec}: no benchmark named {name!r} (one of {', '.join(BENCHMARKS)})")
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"--budget {spec}: {value!r} is not a number of seconds") from None
+        if not seconds > 0:
+            raise ValueError(f"--budget {spec}: the budget must be positive")
+        budgets[name or None] = seconds
+    return budgets
+
+
+def run_with_budget(fn, seconds: float | None):
+    """``fn()`` stopped by ``OutOfTime`` after ``seconds`` (wall clock; None: no limit).
+
+    The alarm interrupts Python code wherever it runs, a timing loop included; GPU work
+    already queued finishes on its own, and the next benchmark's first sync waits for it.
+    """
+    if seconds is None or not hasattr(signal, "setitimer"):
+        return fn()
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def main(argv=None) -> int:
@@ -130,23 +172,38 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--name", help="file name stem of the results (default: <date>-<device>[-quick])")
+    p.add_argument("--budget", action="append", metavar="[OP=]SECONDS",
+                   help="time limit of each benchmark, or of OP (repeatable); the rows finished in it are kept")
+    p.add_argument("--no-chart", action="store_true", help="write no PNG chart")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda was asked for but no CUDA GPU is available")
+    try:
+        budgets = parse_budgets(args.budget)
+    except ValueError as exc:
+        p.error(str(exc))
 
     env = environment(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
-    stem = out / f"{dt.date.today().isoformat()}-{tag}{'-quick' if args.quick else ''}"
+    stem = out / (args.name or f"{dt.date.today().isoformat()}-{tag}{'-quick' if args.quick else ''}")
     names = args.only or list(BENCHMARKS)
-    rows, failures, seconds = [], {}, {}
+    rows, failures, seconds, out_of_time = [], {}, {}, {}
     for name in names:
-        print(f"== {name}", flush=True)
+        budget = budgets.get(name, budgets.get(None))
+        print(f"== {name}" + (f" (budget {budget:g} s)" if budget else ""), flush=True)
         t0 = time.perf_counter()
-        mod = importlib.import_module(BENCHMARKS[name])
+        recorded_rows(reset=True)
         try:
-            rows.extend(mod.run(quick=args.quick, device=args.device))
+            mod = importlib.import_module(BENCHMARKS[name])
+            rows.extend(run_with_budget(lambda: mod.run(quick=args.quick, device=args.device), budget))
+        except OutOfTime:
+            done = recorded_rows()
+            rows.extend(done)
+            out_of_time[name] = f"budget of {budget:g} s ran out; {len(done)} rows finished"
+            print(f"   OUT OF TIME: {out_of_time[name]}", file=sys.stderr, flush=True)
         except Exception as exc:  # record and go on: one broken benchmark must not lose the others
             failures[name] = f"{type(exc).__name__}: {exc}"
             print(f"   FAILED: {failures[name]}", file=sys.stderr)
@@ -155,13 +212,14 @@ def main(argv=None) -> int:
         print(f"   {name}: {seconds[name]} s", flush=True)
         # Written after every benchmark, so a run cut off by a time limit keeps what finished.
         add_ratios(rows)
-        _write_json(stem, env, args.quick, rows, failures, seconds, complete=name == names[-1])
+        _write_json(stem, env, args.quick, rows, failures, seconds, out_of_time, complete=name == names[-1])
     md = markdown(env, rows)
     stem.with_suffix(".md").write_text(md)
-    chart(rows, stem.with_suffix(".png"), f"{env['device']} ({env['date'][:10]})")
+    if not args.no_chart:
+        chart(rows, stem.with_suffix(".png"), f"{env['device']} ({env['date'][:10]})")
     print(md)
-    print(f"wrote {stem}.json/.md/.png")
-    return 1 if failures else 0
+    print(f"wrote {stem}.json/.md" + ("" if args.no_chart else "/.png"))
+    return 1 if failures or out_of_time else 0
 
 
 if __name__ == "__main__":

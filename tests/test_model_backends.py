@@ -58,6 +58,7 @@ def _compare_train(model, images, targets):
         assert (grads_g[n] - grads_e[n]).abs().max().item() <= 1e-3 * scale + 1e-7, n
 
 
+@pytest.mark.model
 @pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="needs Triton's interpreter")
 def test_triton_backend_matches_torch_cpu_interpreter():
     model = _model("resnet18", 4, **TINY_KW).eval()
@@ -81,6 +82,7 @@ def test_torch_backend_never_imports_triton():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.model
 @requires_cuda
 def test_triton_backend_matches_torch_cuda():
     model = _model("resnet50", 91, box_score_thresh=0.0).cuda().eval()

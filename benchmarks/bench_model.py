@@ -85,14 +85,30 @@ def _precision(mode: str, device: str):
 
 
 def _max_output_diff(a: list[dict], b: list[dict]) -> dict:
-    """Largest differences between two models' detections (same weights and images)."""
+    """Largest differences between two models' detections (same weights and images).
+
+    Each detection of ``a`` is matched to the nearest box of the same label in ``b``, not to
+    the row of the same rank: with random weights many scores agree to within rounding, and
+    two implementations may list such near-ties in another order (``rank_swaps`` counts the
+    rows matched to another rank).
+    """
     d = {"same_counts": all(len(x["boxes"]) == len(y["boxes"]) for x, y in zip(a, b))}
-    if d["same_counts"]:
-        d["boxes"] = max((x["boxes"] - y["boxes"]).abs().max().item() for x, y in zip(a, b) if len(x["boxes"]))
-        d["scores"] = max((x["scores"] - y["scores"]).abs().max().item() for x, y in zip(a, b) if len(x["boxes"]))
-        d["labels_equal"] = all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
-        d["mask_pixels_agree"] = min(((x["masks"] > 0.5) == (y["masks"] > 0.5)).float().mean().item()
-                                     for x, y in zip(a, b))
+    if not d["same_counts"]:
+        return d
+    boxes = scores = 0.0
+    agree, swaps = 1.0, 0
+    for x, y in zip(a, b):
+        if not len(x["boxes"]):
+            continue
+        dist = (x["boxes"][:, None] - y["boxes"][None]).abs().amax(-1)
+        dist = dist.masked_fill(x["labels"][:, None] != y["labels"][None], float("inf"))
+        best, j = dist.min(1)
+        boxes = max(boxes, best.max().item())
+        scores = max(scores, (x["scores"] - y["scores"][j]).abs().max().item())
+        swaps += int((j != torch.arange(len(j), device=j.device)).sum())
+        agree = min(agree, ((x["masks"] > 0.5) == (y["masks"][j] > 0.5)).float().mean().item())
+    d.update(boxes=boxes, scores=scores, labels_equal=all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b)),
+             rank_swaps=swaps, mask_pixels_agree=agree)
     return d
 
 
@@ -138,14 +154,23 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
     cfg = QUICK if quick else FULL
     models = _models(device, quick)
     modes = ["fp32"] if quick else ["fp32", "tf32", "bf16"]
-    rep = 100 if quick else 2000
+    rep = 100 if quick else 500
     # Quick (CPU smoke) runs: one warm-up call and two timed ones per provider.
     timing = dict(warmup_ms=0, rep_ms=0, min_runs=2) if quick else dict(warmup_ms=rep / 4, rep_ms=rep)
+    on_gpu = device.startswith("cuda")
+
+    def timed(name: str, mode: str, batch: int, train: bool = False) -> bool:
+        # On the GPU the torch backend (the readable reference, 0.5-1 s a call) is timed once,
+        # fp32 inference at batch 1, to show what the kernels replace; the rest is the product.
+        return not (on_gpu and name == "fastmask-torch" and (train or mode != "fp32" or batch != 1))
+
     rows = []
     for batch in cfg["batches"]:
         inputs = [(_images(batch, cfg["hw"], device, s),) for s in range(3)]
         for mode in modes:
             for name, m in models.items():
+                if not timed(name, mode, batch):
+                    continue
                 m.eval()
 
                 def infer(images, m=m, mode=mode):
@@ -155,8 +180,8 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 t = bench(infer, inputs, device=device, **timing)
                 rows.append(row("model", f"inference batch {batch} {cfg['hw'][0]}x{cfg['hw'][1]}", name, mode, t,
                                 **{"pass": "inference"}))
-    # Same outputs: each fastmask backend against torchvision, batch 1, fp32.
-    with torch.no_grad():
+    # Same outputs: each fastmask backend against torchvision, batch 1, fp32 (no TF32).
+    with torch.no_grad(), _precision("fp32", device):
         imgs = _images(1, cfg["hw"], device, 7)
         ref = models["torchvision"].eval()(imgs)
         for name, m in models.items():
@@ -170,6 +195,8 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                     for s in range(2)]
     for mode in modes:
         for name, m in models.items():
+            if not timed(name, mode, b, train=True):
+                continue
             m.train()
             opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
 
@@ -185,6 +212,8 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                             **{"pass": "train"}))
     if not quick and device.startswith("cuda"):
         for name, m in models.items():
+            if name == "fastmask-torch":
+                continue
             m.eval().to(memory_format=torch.channels_last)
             inputs = [(_images(1, cfg["hw"], device, s),) for s in range(3)]
 

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import os
 import platform
 import re
 import signal
@@ -36,11 +37,14 @@ def environment(device: str) -> dict:
     import triton
     import torchvision
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    # FASTMASK_COMMIT: set by gpu_session.sh, where the checkout may have been copied without its history.
+    commit = os.environ.get("FASTMASK_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            commit = "unknown"
     name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or "cpu")
     return {"device": name, "device_type": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "commit": commit,
@@ -76,11 +80,14 @@ def markdown(env: dict, rows: list[dict]) -> str:
     parity = [r for r in rows if "same_counts" in r]
     if parity:
         lines += ["", "## Model outputs against torchvision (same weights and image, fp32)", "",
-                  "| provider | same detection counts | max box diff | max score diff | labels equal | mask pixels agree |",
-                  "|---|---|---|---|---|---|"]
+                  "Detections matched by label and nearest box; rank swaps: near-tied scores listed in "
+                  "another order.", "",
+                  "| provider | same detection counts | max box diff | max score diff | labels equal | rank swaps "
+                  "| mask pixels agree |",
+                  "|---|---|---|---|---|---|---|"]
         for r in parity:
             lines.append(f"| {r['provider']} | {r['same_counts']} | {r.get('boxes', '')} | {r.get('scores', '')} | "
-                         f"{r.get('labels_equal', '')} | {r.get('mask_pixels_agree', '')} |")
+                         f"{r.get('labels_equal', '')} | {r.get('rank_swaps', '')} | {r.get('mask_pixels_agree', '')} |")
     parts = [r for r in rows if "breakdown" in r]
     if parts:
         names = list(parts[0]["breakdown"])

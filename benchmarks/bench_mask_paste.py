@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench, main, row
+from .common import bench, main, row
 
 FULL_CASES = [(100, 28, (800, 1333)), (100, 28, (480, 640))]
 QUICK_CASES = [(10, 28, (120, 160))]

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from benchmarks.common import bench, record, row, sync
+from .common import bench, record, row, sync
 
 FULL = {"hw": (800, 1333), "batches": (1, 2), "train_batch": 2}
 QUICK = {"hw": (192, 256), "batches": (1,), "train_batch": 1, "min_size": 192, "max_size": 256}

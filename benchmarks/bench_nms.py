@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from benchmarks.common import bench, main, row
+from .common import bench, main, row
 
 FULL_SIZES = [1_000, 5_000, 20_000, 100_000]
 QUICK_SIZES = [300, 1_000]

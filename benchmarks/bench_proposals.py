@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from benchmarks.common import bench, main, row
+from .common import bench, main, row
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from benchmarks.common import bench, main, row
+from .common import bench, main, row
 from fastmask.ops import multiscale_roi_align
 from fastmask.ops.roi_align import boxes_to_rois, infer_scales, level_range, map_levels, multiscale_roi_align_ref
 

@@ -105,7 +105,7 @@ def main(run_fn: Callable[[bool, str], list[dict]], doc: str, columns: Sequence[
     first line describes the command); ``columns``: row keys to show besides the standard ones.
     Returns ``(rows, args)`` so that a benchmark can print lines of its own after the table.
     """
-    from benchmarks.run import add_ratios, environment
+    from .run import add_ratios, environment
 
     parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import BENCHMARKS
-from benchmarks.common import recorded_rows
+from . import BENCHMARKS
+from .common import recorded_rows
 
 BASELINE = "torchvision"
 
@@ -44,7 +44,8 @@ def environment(device: str) -> dict:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=Path(__file__).parent).stdout.strip()
         except OSError:
-            commit = "unknown"
+            commit = ""
+        commit = commit or "unknown"
     name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or "cpu")
     return {"device": name, "device_type": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "commit": commit,
@@ -173,12 +174,29 @@ def run_with_budget(fn, seconds: float | None):
         signal.signal(signal.SIGALRM, old)
 
 
+def default_out() -> Path:
+    """``benchmarks/results`` of a checkout; installed, ``fastmask-bench-results`` in the working folder."""
+    here = Path(__file__).resolve().parent
+    return here / "results" if (here.parent / "pyproject.toml").is_file() else Path.cwd() / "fastmask-bench-results"
+
+
+def cli() -> int:
+    """Console entry point ``fastmask-bench``."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        print("error: the benchmarks compare against torchvision, which is not installed "
+              "(pip install torchvision, or fastmask's [dev] extra)", file=sys.stderr)
+        return 2
+    return main()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(default_out()), help="results folder (default: %(default)s)")
     p.add_argument("--name", help="file name stem of the results (default: <date>-<device>[-quick])")
     p.add_argument("--budget", action="append", metavar="[OP=]SECONDS",
                    help="time limit of each benchmark, or of OP (repeatable); the rows finished in it are kept")
@@ -204,7 +222,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         recorded_rows(reset=True)
         try:
-            mod = importlib.import_module(BENCHMARKS[name])
+            mod = importlib.import_module(BENCHMARKS[name], __package__)
             rows.extend(run_with_budget(lambda: mod.run(quick=args.quick, device=args.device), budget))
         except OutOfTime:
             done = recorded_rows()

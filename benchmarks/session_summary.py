@@ -16,7 +16,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from benchmarks import BENCHMARKS
+from . import BENCHMARKS
 
 TEST_STAGES = ("kernels", "model")
 # One result line of pytest -v, with or without xdist ("[gw3] [ 4%] PASSED tests/x.py::t[a]"

@@ -23,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a fastmask checkpoint (.pth)")
     add_config_arguments(parser, default_config=None)
     parser.add_argument("--out", default=None, metavar="JSON", help="where to write the results")
-    parser.add_argument("--device", default=None, help="device (default: the config's, 'auto': GPU if present)")
     return parser
 
 
@@ -38,8 +37,6 @@ def main(argv=None) -> dict | None:
         from .engine.trainer import autocast_dtype, main_process_first, torch_threads
 
         info = du.env_dist_info()
-        if args.device is not None:
-            args.overrides.append(f"device={args.device}")
         model, cfg, meta = load_for_inference(args.checkpoint, args)
         device = du.resolve_device(cfg.device, info)
         model.to(device)
@@ -72,6 +69,11 @@ def main(argv=None) -> dict | None:
 
     run_command(run)
     return result
+
+
+def cli() -> None:
+    """Console entry point ``fastmask-evaluate``: ``main`` without its return value (which is not an exit status)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays and results.json")
     parser.add_argument("--score-thresh", type=float, default=0.5,
                         help="keep detections at least this confident (default 0.5; 0 keeps all)")
-    parser.add_argument("--device", default=None, help="device (default: the config's, 'auto': GPU if present)")
     add_config_arguments(parser, default_config=None)
     return parser
 
@@ -65,8 +64,6 @@ def main(argv=None) -> list[dict]:
         if not 0.0 <= args.score_thresh <= 1.0:
             raise SystemExit(f"error: --score-thresh must be in [0, 1], got {args.score_thresh}")
         images = [read_image(p) for p in args.images]  # every file is checked before the model loads
-        if args.device is not None:
-            args.overrides.append(f"device={args.device}")
         model, cfg, meta = load_for_inference(args.checkpoint, args)
         device = du.resolve_device(cfg.device, du.DistInfo())
         model.to(device)
@@ -110,6 +107,11 @@ def main(argv=None) -> list[dict]:
 
     run_command(run)
     return results
+
+
+def cli() -> None:
+    """Console entry point ``fastmask-predict``: ``main`` without its return value (which is not an exit status)."""
+    main()
 
 
 if __name__ == "__main__":

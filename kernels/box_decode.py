@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels._common import gpu_launch, round_to_bf16
+from ._common import gpu_launch, round_to_bf16
 
 # Elements one program handles. On the GPU: 1024 (box head) and 512 (proposals) keep every
 # thread busy at 4 warps; the proposal stage has only ~10k candidates, so it is launch-bound.

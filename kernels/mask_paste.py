@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import gpu_launch, round_to_bf16
+from ._common import gpu_launch, round_to_bf16
 
 # Tile of one output mask per program. Columns are the contiguous axis of the output, so
 # the tile is wide (coalesced stores) and short (tiles outside the box skip the gathers).

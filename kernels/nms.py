@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import gpu_launch
+from ._common import gpu_launch
 
 # Largest chunk of sorted boxes whose suppression bits are held at once: 8192 x 8192 bits
 # is 8 MiB, and the reduce kernel holds a 128-word removed vector in registers. Up to 8192

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import gpu_launch
+from ._common import gpu_launch
 
 MAX_LEVELS = 5
 # Largest power of two the launchers factor out of the feature strides: 16 elements is a

@@ -10,7 +10,7 @@ from torchvision.ops import boxes as tv_boxes
 from fastmask.ops import box_area, box_iou, clip_boxes_to_image, decode_boxes, encode_boxes, remove_small_boxes
 from fastmask.ops.boxes import BBOX_XFORM_CLIP, decode_boxes_ref, per_row_image_sizes
 from helpers import TOL, TRITON_DEVICES, assert_close_verbose, random_boxes, requires_cuda
-from kernels.box_decode import _decode_boxes_kernel, decode_boxes as decode_boxes_kernel
+from fastmask.kernels.box_decode import _decode_boxes_kernel, decode_boxes as decode_boxes_kernel
 
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)

@@ -75,9 +75,9 @@ def recorded(monkeypatch):
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    import kernels._common
+    import fastmask.kernels._common
 
-    monkeypatch.setattr(kernels._common, "FORCE_GPU_LAUNCH", True)
+    monkeypatch.setattr(fastmask.kernels._common, "FORCE_GPU_LAUNCH", True)
     # Kernels do not run, so the buffers they would fill are zeroed instead of left
     # uninitialised (the ops' own checks would otherwise see whatever memory held).
     for name in ("empty", "empty_like"):

@@ -14,7 +14,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_
 
 from fastmask.ops.masks import BoxMasks, paste_masks, paste_masks_in_boxes, paste_masks_in_boxes_ref, paste_masks_ref
 from helpers import TOL, TRITON_DEVICES, assert_close_verbose, requires_cuda
-from kernels.mask_paste import paste_masks_fwd
+from fastmask.kernels.mask_paste import paste_masks_fwd
 
 # DESIGN.md: pasted masks agree on at least 99.9% of pixels after thresholding at 0.5.
 MIN_AGREEMENT = 0.999

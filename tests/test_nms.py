@@ -261,7 +261,7 @@ def test_triton_tree_or_path(device):
     zeros = torch.zeros(n, **i32)
     next_start = torch.cat([zeros, torch.full((1,), n, **i32)])
     next_start[1:n] = n
-    from kernels.nms import nms_sorted_keep
+    from fastmask.kernels.nms import nms_sorted_keep
     for by_bits in (False, True):
         keep = nms_sorted_keep(boxes[order].contiguous(), zeros, zeros, next_start, None, 0.5, poison=True,
                                or_by_bits=by_bits)

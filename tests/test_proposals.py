@@ -262,7 +262,7 @@ def test_full_size_matches_torchvision_cuda(pre_nms_top_n, post_nms_top_n):
 
 @requires_cuda
 def test_candidates_cuda_no_recompile():
-    from kernels.box_decode import _rpn_candidates_kernel
+    from fastmask.kernels.box_decode import _rpn_candidates_kernel
 
     batch = Batch((800, 1216), [(800, 1199), (760, 1216)], seed=9, device="cuda")
     args = (batch.image_sizes, batch.num_anchors_per_level)

@@ -242,7 +242,7 @@ def test_deterministic_backward_is_bitwise_reproducible(device):
 def test_every_output_written(device, layout):
     """Outputs pre-filled with NaN, with the block shapes the GPU uses (one RoI per program;
     channels-last: one bin per program) and with several channel blocks and a partial one."""
-    from kernels.roi_align import roi_align_bwd, roi_align_fwd
+    from fastmask.kernels.roi_align import roi_align_bwd, roi_align_fwd
 
     feats = make_pyramid(2, 12, 2, layout, seed=17, device=device)
     boxes = [pyramid_boxes(1, IMAGE_SIZES[0], 18, device)[[0, 2]], pyramid_boxes(1, IMAGE_SIZES[1], 19, device)[[0]]]
@@ -276,7 +276,7 @@ def test_deterministic_backward_gpu_shape_scans_rois_in_blocks(device):
     """The GPU's deterministic configuration (one RoI per step) over more RoIs than one scan
     block holds (DET_SCAN), the last block partial: gradients equal the atomic kernel's, and
     every element of the NaN-filled buffer is written."""
-    from kernels.roi_align import DET_SCAN, roi_align_bwd
+    from fastmask.kernels.roi_align import DET_SCAN, roi_align_bwd
 
     feats = make_pyramid(2, 12, 2, "nchw", seed=23, device=device)
     boxes = [pyramid_boxes(DET_SCAN - 10, IMAGE_SIZES[0], 24, device), pyramid_boxes(4, IMAGE_SIZES[1], 25, device)]
@@ -412,7 +412,7 @@ def test_cuda_deterministic_and_no_host_sync(layout):
 
 @requires_cuda
 def test_cuda_new_box_count_does_not_recompile():
-    from kernels.roi_align import _roi_align_fwd_kernel
+    from fastmask.kernels.roi_align import _roi_align_fwd_kernel
 
     feats, boxes, image_sizes = _cuda_problem(torch.float32, "channels_last", k_per_image=300)
     multiscale_roi_align(feats, boxes, 7, image_sizes, 2, backend="triton")

@@ -15,7 +15,9 @@ from ..config import ConfigError, TrainConfig, apply_overrides, from_dict, load_
 from ..data import DatasetError
 from .checkpoint import CheckpointError, check_architecture, load_checkpoint, load_model_state
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# The project's configs/: in a checkout (or an editable install) beside the package, in an
+# installed package inside it (pyproject.toml installs configs/ as fastmask/configs).
+CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "configs", Path(__file__).resolve().parents[1] / "configs")
 DEFAULT_CONFIG = "synthetic"
 
 
@@ -24,10 +26,12 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (PACKAGE_ROOT / "configs" / name, PACKAGE_ROOT / "configs" / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"config file {name!r} does not exist (nor {str(PACKAGE_ROOT / 'configs')!r}/{name}.yaml)")
+    for folder in CONFIG_DIRS:
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    where = next((f for f in CONFIG_DIRS if f.is_dir()), CONFIG_DIRS[0])
+    raise ConfigError(f"config file {name!r} does not exist (nor {str(where)!r}/{name}.yaml)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str | None) -> None:
@@ -39,12 +43,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str
                         help="override config values, e.g. --set solver.max_iter=100 data.batch_size=4")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
                         help="kernel backend of the model's ops (default: model.backend, else FASTMASK_BACKEND)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="cpu, cuda or cuda:N (default: the config's device; 'auto': the GPU if there is one)")
 
 
 def config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
     overrides = list(args.overrides)
     if args.backend is not None:
         overrides.append(f"model.backend={args.backend}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
     if args.config is not None:
         return load_config(resolve_config_path(args.config), overrides)
     return apply_overrides(base if base is not None else TrainConfig(), overrides)

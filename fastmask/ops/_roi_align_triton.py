@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels.roi_align import MAX_LEVELS, is_channels_last, roi_align_bwd, roi_align_fwd
+from fastmask.kernels.roi_align import MAX_LEVELS, is_channels_last, roi_align_bwd, roi_align_fwd
 
 
 class _RoIAlignFunction(torch.autograd.Function):

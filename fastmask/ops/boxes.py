@@ -235,7 +235,7 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0),
         raise TypeError(f"bbox_xform_clip must be a float, got {type(bbox_xform_clip).__name__}")
     clip_to = _check_clip_to(clip_to, rel_codes.shape[0], rel_codes.device)
     if resolve_backend(backend, rel_codes, "decode_boxes", dtypes=FLOAT_DTYPES) == "triton":
-        from kernels.box_decode import decode_boxes as decode_boxes_kernel
+        from fastmask.kernels.box_decode import decode_boxes as decode_boxes_kernel
         return decode_boxes_kernel(rel_codes.detach(), boxes.detach(), weights, float(bbox_xform_clip),
                                    clip_to=clip_to)
     with torch.no_grad():

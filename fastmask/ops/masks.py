@@ -244,7 +244,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
     m = _check_args(masks, boxes, padding, threshold)
     h, w = _image_size(image_size)
     if resolve_backend(backend, masks, "paste_masks", dtypes=KERNEL_DTYPES) == "triton":
-        from kernels.mask_paste import paste_masks_fwd
+        from fastmask.kernels.mask_paste import paste_masks_fwd
 
         return paste_masks_fwd(m, boxes, (h, w), padding=padding, threshold=threshold)[:, None]
     return paste_masks_ref(m, boxes, (h, w), padding, threshold)
@@ -270,7 +270,7 @@ def paste_masks_in_boxes(masks: Tensor, boxes: Tensor, padding: int = 1, thresho
     if image_size is not None:
         image_size = _image_size(image_size)
     if resolve_backend(backend, masks, "paste_masks_in_boxes", dtypes=KERNEL_DTYPES) == "triton":
-        from kernels.mask_paste import paste_masks_fwd
+        from fastmask.kernels.mask_paste import paste_masks_fwd
 
         windows = box_windows(expand_boxes_int(boxes, m.shape[-1], padding), image_size)
         slab = _slab_size(windows)

@@ -289,7 +289,7 @@ def _sorted_keep_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idx
     Tensor[B, N] each image's indices by decreasing score. ``max_chunk`` and ``poison`` are
     passed to the launcher (tests).
     """
-    from kernels import nms as nms_kernels
+    from fastmask.kernels import nms as nms_kernels
 
     b, n = scores.shape
     dev = boxes.device

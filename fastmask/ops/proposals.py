@@ -17,7 +17,7 @@ path runs without a host sync until the final variable-length lists (one ``.toli
 
 The reference (``rpn_candidates_ref``) gathers the top-k deltas and anchors and decodes them
 with ``decode_boxes_ref``; it reads the materialised anchors. The Triton kernel
-(``kernels.box_decode.rpn_candidates``) does steps 2-3 for all images and levels in one
+(``fastmask.kernels.box_decode.rpn_candidates``) does steps 2-3 for all images and levels in one
 launch and computes each anchor from the :class:`~fastmask.ops.anchors.AnchorGeometry`
 (stride, grid width, cell anchors) instead of reading a [B, A, 4] anchor table: per image it
 reads N indices, N probabilities and N*4 deltas and writes N*4 boxes, N flags and N levels.
@@ -131,7 +131,7 @@ def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | 
     """Steps 1-3 with the fused kernel; same inputs and outputs as :func:`rpn_candidates_ref`,
     except that ``anchors`` may be an :class:`AnchorGeometry` (then no anchor is read).
     ``anchors`` as a tensor must be Tensor[B, A, 4]."""
-    from kernels.box_decode import rpn_candidates
+    from fastmask.kernels.box_decode import rpn_candidates
 
     b = objectness.shape[0]
     device = objectness.device

@@ -41,8 +41,10 @@ shift 2
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The Python that has torch, triton and torchvision: $PYTHON if set (the tests set it), else python3.
+py=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
@@ -50,13 +52,13 @@ fi
 # (pytest-xdist) and a per-test time limit (pytest-timeout), so that one hung test cannot use
 # up its stage's limit.
 pytest_extras() {  # WORKERS PER_TEST_S
-  python3 -c "import xdist" 2>/dev/null && [ "$1" -gt 1 ] && printf '%s\n' -n "$1"
-  python3 -c "import pytest_timeout" 2>/dev/null && printf '%s\n' "--timeout=$2"
+  "$py" -c "import xdist" 2>/dev/null && [ "$1" -gt 1 ] && printf '%s\n' -n "$1"
+  "$py" -c "import pytest_timeout" 2>/dev/null && printf '%s\n' "--timeout=$2"
 }
 
 versions() {  # fails if torch, triton or torchvision cannot be imported
   local rc
-  python3 - <<'PY'
+  "$py" - <<'PY'
 import platform, torch, triton, torchvision
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
@@ -72,21 +74,21 @@ if [ "$stage" != all ]; then
   case "$stage" in
     tests)
       # A module that cannot be imported there must not stop the CUDA tests of the others.
-      python3 -m pytest -m cuda tests -q -rfEs --continue-on-collection-errors --junitxml="$out/cuda-tests.xml" \
+      "$py" -m pytest -m cuda tests -q -rfEs --continue-on-collection-errors --junitxml="$out/cuda-tests.xml" \
         2>&1 | tee "$out/cuda-tests.txt"
       exit "${PIPESTATUS[0]}"
       ;;
     matrix)
       # Every test parametrized over TRITON_DEVICES runs its CUDA case here.
       mapfile -t extra < <(pytest_extras 8 300)
-      python3 -m pytest tests -m "not cuda" -k cuda -q -rfEs --continue-on-collection-errors ${extra[@]+"${extra[@]}"} \
+      "$py" -m pytest tests -m "not cuda" -k cuda -q -rfEs --continue-on-collection-errors ${extra[@]+"${extra[@]}"} \
         --junitxml="$out/matrix-tests.xml" 2>&1 | tee "$out/matrix-tests.txt"
       exit "${PIPESTATUS[0]}"
       ;;
     bench)
       only=()
       for op in "$@"; do only+=(--only "$op"); done
-      python3 -m benchmarks.run --device cuda --out "$out" ${only[@]+"${only[@]}"} 2>&1 | tee "$out/bench.txt"
+      "$py" -m benchmarks.run --device cuda --out "$out" ${only[@]+"${only[@]}"} 2>&1 | tee "$out/bench.txt"
       exit "${PIPESTATUS[0]}"
       ;;
     *)
@@ -154,25 +156,25 @@ run_stage() {
 FASTMASK_COMMIT=${FASTMASK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export FASTMASK_COMMIT
 say "# gpu_session.sh all: $mode; $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $FASTMASK_COMMIT"
-run_stage env "$limit_env" "$out/env.log" bash -c "$(declare -f versions); versions"
+run_stage env "$limit_env" "$out/env.log" env py="$py" bash -c "$(declare -f versions); versions"
 cat "$out/env.log" >> "$session"
 rm -f "$out/env.log"
 
 mapfile -t extra < <(pytest_extras "$workers" 120)
 run_stage kernels "$limit_kernels" "$out/kernels.txt" \
-  python3 -m pytest "${kernels_sel[@]}" -v -p no:cacheprovider --continue-on-collection-errors \
+  "$py" -m pytest "${kernels_sel[@]}" -v -p no:cacheprovider --continue-on-collection-errors \
   ${extra[@]+"${extra[@]}"} --junitxml="$out/kernels.xml"
 
 mapfile -t extra < <(pytest_extras 1 "$limit_model")
 run_stage model "$limit_model" "$out/model.txt" \
-  python3 -m pytest "${model_sel[@]}" -v -p no:cacheprovider ${extra[@]+"${extra[@]}"} --junitxml="$out/model.xml"
+  "$py" -m pytest "${model_sel[@]}" -v -p no:cacheprovider ${extra[@]+"${extra[@]}"} --junitxml="$out/model.xml"
 
 run_stage bench "$limit_bench" "$out/bench.txt" \
-  python3 -m benchmarks.run "${bench_args[@]}" --out "$out" --name bench --no-chart
+  "$py" -m benchmarks.run "${bench_args[@]}" --out "$out" --name bench --no-chart
 
-run_stage cubins "$limit_cubins" "$out/cubins.log" python3 -m benchmarks.kernel_resources "$TRITON_CACHE_DIR"
+run_stage cubins "$limit_cubins" "$out/cubins.log" "$py" -m benchmarks.kernel_resources "$TRITON_CACHE_DIR"
 cat "$out/cubins.log" >> "$session"
 rm -f "$out/cubins.log"
 
-python3 -m benchmarks.session_summary "$out" --seconds "$(( $(date +%s) - t_all ))" | tee -a "$session"
+"$py" -m benchmarks.session_summary "$out" --seconds "$(( $(date +%s) - t_all ))" | tee -a "$session"
 exit "${PIPESTATUS[0]}"

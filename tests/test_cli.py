@@ -122,3 +122,28 @@ def test_predict_missing_image(tmp_path, capsys):
         predict_cli.main([str(tmp_path / "nope.jpg"), "--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert info.value.code == 1 and "nope.jpg" in err and "does not exist" in err
+
+
+def test_every_command_takes_device():
+    """--device sets the config's device in train, evaluate and predict alike."""
+    from fastmask import evaluate as evaluate_cli
+    from fastmask.engine.cli import config_from_args
+
+    args = train_cli.build_parser().parse_args(["--config", "smoke", "--device", "cuda:1"])
+    assert config_from_args(args).device == "cuda:1"
+    for cli, extra in ((evaluate_cli, ["--checkpoint", "x.pth"]), (predict_cli, ["a.png", "--checkpoint", "x.pth", "--out", "o"])):
+        args = cli.build_parser().parse_args([*extra, "--device", "cpu"])
+        assert config_from_args(args, base=config_from_args(train_cli.build_parser().parse_args([]))).device == "cpu"
+
+
+def test_console_entry_points():
+    """fastmask-train, -evaluate, -predict and -bench are installed and point at callables."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("fastmask-")}
+    assert set(scripts) == {"fastmask-train", "fastmask-evaluate", "fastmask-predict", "fastmask-bench"}
+    for entry in scripts.values():
+        assert callable(entry.load())
+    with pytest.raises(SystemExit) as info:
+        scripts["fastmask-train"].load()(["--help"])
+    assert info.value.code == 0

@@ -1,14 +1,29 @@
-"""Every Triton kernel compiles for an H100 (sm_90) in each variant the ops launch.
+"""Every Triton kernel compiles for an H100/H200 (sm_90) in each variant the ops launch.
 
 The interpreter, which runs the other kernel tests on the CPU, accepts programs that the GPU
 compiler rejects (mixed dtypes in ``tl.where``, a shape that is not a constexpr, an
 unsupported cast), and it launches with its own wide block shapes. So the ops are called
-here once per variant (dtypes, layouts, forward and both backwards, thresholds, clipping
-modes) on tiny inputs with the GPU's launch shapes and every launch recorded instead of run;
-each recorded specialisation is then compiled ahead of time for sm_90 in a subprocess where
-Triton is not in interpreter mode, and must not spill registers to local memory (a launch
-shape too big for its warps). No GPU is needed: Triton brings its own assembler and
-cuobjdump. What this cannot show (timing, numerics on the device) is for the CUDA tests.
+here on inputs of the model's sizes (256 channels, batch 1 and 2, proposal and detection
+counts, NMS past one 8192-box chunk) and of the CUDA tests, with the GPU's launch shapes and
+every launch recorded instead of run; each distinct variant is then compiled ahead of time
+for sm_90 in a subprocess where Triton is not in interpreter mode.
+
+What is compiled is what the GPU's JIT compiles: the arguments are passed through the JIT's
+own binder (``create_function_from_signature`` and ``_pack_args``, as ``JITFunction.run``
+does, for an sm_90 target), so pointers and integers get the same specialisation as on the
+device (16-byte alignment and divisibility by 16 as attributes, integers equal to 1 as
+constants, the kernels' ``do_not_specialize`` lists respected). Without it, the check
+compiled other code than the GPU: ``_nms_reduce_kernel`` at W=128 needs 246 registers with
+the real specialisation under Triton 3.6 and 168 without, and the first H200 run found two
+RoI Align variants spilling that the check had passed.
+
+What is gated, and why: a compile error fails the test with every Triton, since it is a
+crash on the GPU whatever the release. Register spills (a stack in the cubin) fail it only
+under Triton 3.6, the release of the GPU machine on which the project measures and tunes its
+launch shapes (``.ci/oldest.txt``); a spill is a performance defect, and register allocation
+changes with each Triton release, so under any other release the spills are reported as a
+warning instead of failing a user's install. No GPU is needed: Triton brings its own
+assembler and cuobjdump. What this cannot show (timing, numerics) is for the CUDA tests.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,10 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="records launches through Triton's interpreter (CPU runs)")
 
-# torch dtypes as Triton names them in kernel signatures.
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-                torch.bool: "i1"}
+# The Triton release whose spills fail the test: the GPU machine's (see the module docstring).
+GATED_TRITON = "3.6"
 # Launch keywords that are compiler options, not kernel arguments.
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
 
@@ -55,22 +69,30 @@ def _constexpr_value(value):
     raise TypeError(f"constexpr of unexpected type {type(value).__name__}: {value!r}")
 
 
-def _runtime_type(name: str, value) -> str:
+def _runtime_value(name: str, value) -> tuple[dict, tuple]:
+    """(JSON form of a runtime argument, the part of it that decides its specialisation).
+
+    A tensor is kept as its dtype and address modulo 128 (alignment is all the JIT looks
+    at); a number as itself. The key folds values that specialise alike (an integer's
+    equality to 1, divisibility by 16 and width) so that one variant is compiled once.
+    """
     if isinstance(value, torch.Tensor):
-        return "*" + TRITON_TYPES[value.dtype]
+        addr = value.data_ptr() % 128
+        return {"tensor": str(value.dtype).replace("torch.", ""), "addr": addr}, ("t", str(value.dtype), addr % 16)
     if isinstance(value, bool):
-        return "i1"
+        return {"bool": value}, ("b",)
     if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+        return {"int": value}, ("i", value == 1, value % 16 == 0, -2**31 <= value < 2**31)
     if isinstance(value, float):
-        return "fp32"
+        return {"float": value}, ("f",)
     raise TypeError(f"argument {name} of unexpected type {type(value).__name__}")
 
 
 @pytest.fixture
 def recorded(monkeypatch):
     """Kernel launches with the GPU's launch shapes, recorded (not run) as
-    ``{module, kernel, signature, constexprs, options}``; outputs stay uninitialised."""
+    ``{module, kernel, args, options}``, one per distinct specialisation; outputs stay
+    zero."""
     import inspect
 
     from triton.runtime.interpreter import InterpretedFunction
@@ -89,17 +111,18 @@ def recorded(monkeypatch):
         params = inspect.signature(self.fn).parameters
         options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
         bound = dict(zip(self.arg_names, args)) | kwargs
-        signature, constexprs = {}, {}
+        values, key = {}, []
         for name, param in params.items():
-            value = bound.get(name, param.default)
+            if name not in bound and param.default is not inspect.Parameter.empty:
+                continue  # the JIT's binder fills defaults itself
             if _is_constexpr(param.annotation):
-                signature[name] = "constexpr"
-                constexprs[name] = _constexpr_value(value)
+                values[name] = {"constexpr": _constexpr_value(bound[name])}
+                key.append(json.dumps(values[name], sort_keys=True))
             else:
-                signature[name] = _runtime_type(name, value)
-        rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": signature,
-               "constexprs": constexprs, "options": options}
-        records[json.dumps(rec, sort_keys=True)] = rec
+                values[name], k = _runtime_value(name, bound[name])
+                key.append(k)
+        rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": values, "options": options}
+        records.setdefault(json.dumps([rec["module"], rec["kernel"], key, options], sort_keys=True, default=str), rec)
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
     return records
@@ -108,29 +131,42 @@ def recorded(monkeypatch):
 def _drive_roi_align():
     g = torch.Generator().manual_seed(0)
     shapes = [(13, 17), (7, 9), (4, 5), (2, 3)]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for channels_last in (False, True):
-            # 256 channels, as the model's: the block shapes follow the channel count.
-            feats = [torch.randn(2, 256, h, w, generator=g).to(dtype) for h, w in shapes]
-            if channels_last:
-                feats = [f.to(memory_format=torch.channels_last) for f in feats]
-            feats = [f.requires_grad_() for f in feats]
-            boxes = [pyramid_boxes(3, (52, 68), seed=i) for i in range(2)]
-            for size, deterministic in ((7, False), (14, True)):
-                out = ops.multiscale_roi_align(feats, boxes, size, [(52, 68)] * 2, backend="triton",
-                                               deterministic=deterministic)
-                out.float().sum().backward()
+    # 256 channels (the model's) at batch 1 and 2, and the CUDA tests' small channel counts.
+    for channels, batch in ((256, 1), (256, 2), (16, 2), (8, 1)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for channels_last in (False, True):
+                feats = [torch.randn(batch, channels, h, w, generator=g).to(dtype) for h, w in shapes]
+                if channels_last:
+                    feats = [f.to(memory_format=torch.channels_last) for f in feats]
+                feats = [f.requires_grad_() for f in feats]
+                boxes = [pyramid_boxes(3, (52, 68), seed=i) for i in range(batch)]
+                for size, deterministic in ((7, False), (14, True), (7, True), (14, False)):
+                    out = ops.multiscale_roi_align(feats, boxes, size, [(52, 68)] * batch, backend="triton",
+                                                   deterministic=deterministic)
+                    out.float().sum().backward()
     single = torch.randn(1, 8, 11, 13, generator=g, requires_grad=True)
     rois = torch.cat([torch.zeros(4, 1), random_boxes(4, 40.0, generator=g)], 1)
     for aligned, ratio in ((False, -1), (True, 2)):
         ops.roi_align(single, rois, (5, 6), 0.25, ratio, aligned, backend="triton").sum().backward()
+    # The single-level CUDA tests' shapes: odd channel counts, and a layout that is neither
+    # NCHW nor channels-last (H and W strides swapped), whose strides specialise otherwise.
+    x = torch.randn(2, 12, 13, 17, generator=g)
+    for layout in (x, x.transpose(2, 3).contiguous().transpose(2, 3), x.to(memory_format=torch.channels_last)):
+        for size in ((3, 5), (7, 7), (4, 3)):
+            leaf = layout.detach().clone().requires_grad_()
+            ops.roi_align(leaf, rois, size, 0.5, 2, True, backend="triton").sum().backward()
+    odd = torch.randn(2, 5, 8, 9, generator=g, requires_grad=True)
+    ops.roi_align(odd, rois, (4, 5), 1.0, 3, False, backend="triton").sum().backward()
+    # One RoI: K == 1 is specialised as a constant where the kernel lets it be.
+    ops.roi_align(single, rois[:1], 7, 0.25, 2, True, backend="triton").sum().backward()
 
 
 def _drive_nms():
     g = torch.Generator().manual_seed(1)
-    # Box counts set the bitmask width (a constexpr): one, a few and many 64-box words.
+    # Box counts set the bitmask width W (a constexpr): one word, a few, many, the widest
+    # (W=128 at 8192 boxes), and past one chunk (the cross-chunk kernel, over 8192 boxes).
     for n, dtypes in ((5, [torch.float32]), (300, [torch.float32, torch.float16, torch.bfloat16, torch.float64]),
-                      (2100, [torch.float32])):
+                      (2100, [torch.float32]), (8192, [torch.float32]), (9000, [torch.float32, torch.float64])):
         boxes = random_boxes(n, 200.0, generator=g)
         scores = torch.rand(n, generator=g)
         for dtype in dtypes:
@@ -138,9 +174,11 @@ def _drive_nms():
     boxes = random_boxes(300, 200.0, generator=g)
     ops.batched_nms(boxes, torch.rand(300, generator=g), torch.randint(0, 7, (300,), generator=g), 0.5,
                     backend="triton")
-    boxes = random_boxes(2 * 50, 100.0, generator=g).reshape(2, 50, 4)
-    ops.nms_keep_mask(boxes, torch.rand(2, 50, generator=g), 0.7, idxs=torch.randint(0, 3, (2, 50), generator=g),
-                      valid=torch.rand(2, 50, generator=g) > 0.2, backend="triton")
+    for images in (1, 2):
+        boxes = random_boxes(images * 50, 100.0, generator=g).reshape(images, 50, 4)
+        ops.nms_keep_mask(boxes, torch.rand(images, 50, generator=g), 0.7,
+                          idxs=torch.randint(0, 3, (images, 50), generator=g),
+                          valid=torch.rand(images, 50, generator=g) > 0.2, backend="triton")
 
 
 def _drive_boxes_and_proposals():
@@ -150,81 +188,123 @@ def _drive_boxes_and_proposals():
         deltas = torch.randn(30, 4 * 3, generator=g).to(dtype)
         ops.decode_boxes(deltas, anchors.to(dtype), (10.0, 10.0, 5.0, 5.0), backend="triton")
         ops.decode_boxes(deltas, anchors.to(dtype), clip_to=(50, 70), backend="triton")
+        ops.decode_boxes(deltas[:, :4], anchors.to(dtype), backend="triton")  # one class: K == 1
     sizes = per_row_image_sizes([(50, 70), (40, 64)], [10, 20], anchors.device)
     ops.decode_boxes(torch.randn(30, 8, generator=g), anchors, clip_to=sizes, backend="triton")
 
     gen = ops.AnchorGenerator(((8,), (16,)), ((0.5, 1.0, 2.0),) * 2)
-    image_list = SimpleNamespace(tensors=torch.zeros(2, 3, 32, 40), image_sizes=[(30, 40), (32, 36)])
-    feats = [torch.zeros(2, 1, 8, 10), torch.zeros(2, 1, 4, 5)]
-    a = sum(h * w * 3 for h, w in ((8, 10), (4, 5)))
-    objectness, deltas = torch.randn(2, a, generator=g), torch.randn(2, a, 4, generator=g) * 0.2
-    kw = dict(pre_nms_top_n=50, post_nms_top_n=20, nms_thresh=0.7, backend="triton")
-    # Anchors computed in the kernel from the geometry, and anchors read from tensors.
-    ops.rpn_proposals(objectness, deltas, gen.geometry(image_list, feats), image_list.image_sizes, **kw)
-    ops.rpn_proposals(objectness, deltas, list(gen(image_list, feats)), image_list.image_sizes, [240, 60], **kw)
+    for images in (1, 2):
+        image_list = SimpleNamespace(tensors=torch.zeros(images, 3, 32, 40),
+                                     image_sizes=[(30, 40), (32, 36)][:images])
+        feats = [torch.zeros(images, 1, 8, 10), torch.zeros(images, 1, 4, 5)]
+        a = sum(h * w * 3 for h, w in ((8, 10), (4, 5)))
+        objectness, deltas = torch.randn(images, a, generator=g), torch.randn(images, a, 4, generator=g) * 0.2
+        kw = dict(pre_nms_top_n=50, post_nms_top_n=20, nms_thresh=0.7, backend="triton")
+        # Anchors computed in the kernel from the geometry, and anchors read from tensors.
+        ops.rpn_proposals(objectness, deltas, gen.geometry(image_list, feats), image_list.image_sizes, **kw)
+        ops.rpn_proposals(objectness, deltas, list(gen(image_list, feats)), image_list.image_sizes,
+                          [240, 60], **kw)
 
 
 def _drive_mask_paste():
     g = torch.Generator().manual_seed(3)
-    boxes = random_boxes(5, 40.0, 2.0, generator=g)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        masks = torch.rand(5, 1, 28, 28, generator=g).to(dtype)
-        ops.paste_masks(masks, boxes, (48, 56), backend="triton")
-        ops.paste_masks(masks, boxes, (48, 56), threshold=0.5, backend="triton")
-        ops.paste_masks_in_boxes(masks, boxes.to(dtype), threshold=0.5, backend="triton")
+    for n in (5, 1):
+        boxes = random_boxes(n, 40.0, 2.0, generator=g)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            masks = torch.rand(n, 1, 28, 28, generator=g).to(dtype)
+            ops.paste_masks(masks, boxes, (48, 56), backend="triton")
+            ops.paste_masks(masks, boxes, (48, 56), threshold=0.5, backend="triton")
+            ops.paste_masks_in_boxes(masks, boxes.to(dtype), threshold=0.5, backend="triton")
+            ops.paste_masks_in_boxes(masks, boxes, backend="triton")
 
 
 COMPILE = textwrap.dedent("""
-    import importlib, json, os, sys, time
+    import importlib, json, os, re, subprocess, sys, tempfile, time
     from concurrent.futures import ProcessPoolExecutor
+
+    TARGET = ("cuda", 90, 32)
+
+
+    class DevicePointer:
+        # What the JIT's binder sees of a tensor argument: its dtype and its address.
+        def __init__(self, dtype, addr):
+            self.dtype, self._addr = dtype, addr
+
+        def data_ptr(self):
+            return self._addr
+
+
+    def argument(value):
+        import torch
+        import triton.language as tl
+
+        if "constexpr" in value:
+            v = value["constexpr"]
+            return tl.dtype(v["tl_dtype"]) if isinstance(v, dict) else v
+        if "tensor" in value:  # a device-like address with the recorded alignment
+            return DevicePointer(getattr(torch, value["tensor"]), 0x7F0000000000 + value["addr"])
+        (v,) = value.values()
+        return v
+
+
+    def specialise(fn, kwargs):
+        # JITFunction.run's path from arguments to compile inputs, minus the device query.
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        target = GPUTarget(*TARGET)
+        backend = make_backend(target)
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(**kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        return ASTSource(fn, signature, constexprs, attrs), target, options
+
 
     def compile_one(rec):
         import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
 
         fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-        names = list(rec["signature"])
-        consts = {}
-        for name, value in rec["constexprs"].items():
-            if isinstance(value, dict):
-                value = tl.dtype(value["tl_dtype"])
-            consts[(names.index(name),)] = value
+        kwargs = {name: argument(v) for name, v in rec["args"].items()} | rec["options"]
+        consts = {k: v["constexpr"] for k, v in rec["args"].items() if "constexpr" in v}
         t0 = time.perf_counter()
+        what = f"{rec['kernel']} {consts} {rec['options']}"
         try:
-            kernel = triton.compile(ASTSource(fn=fn, signature=rec["signature"], constexprs=consts),
-                                    target=GPUTarget("cuda", 90, 32), options=rec["options"])
-            error = None
+            src, target, options = specialise(fn, kwargs)
+            kernel = triton.compile(src, target=target, options=options.__dict__)
         except Exception as exc:  # report every failing variant, not just the first
-            error = (f"{rec['kernel']} {rec['constexprs']} {rec['signature']}: "
-                     + str(exc).strip().splitlines()[-1][:400])
-        else:
-            stack = stack_bytes(kernel.asm["cubin"])
-            if stack:  # registers spilled to local memory: a launch-shape regression
-                error = f"{rec['kernel']} {rec['constexprs']} {rec['signature']}: spills ({stack}-byte stack)"
-        print(f"{time.perf_counter() - t0:6.1f} s {rec['kernel']} {rec['constexprs']}", file=sys.stderr, flush=True)
-        return error
+            return {"error": f"{what}: " + (str(exc).strip().splitlines() or [repr(exc)])[-1][:400]}
+        regs, stack = resources(kernel.asm["cubin"])
+        print(f"{time.perf_counter() - t0:6.1f} s {regs:4d} regs {stack:3d} B stack  {what}", file=sys.stderr,
+              flush=True)
+        return {"what": what, "regs": regs, "stack": stack}
 
-    def stack_bytes(cubin):
-        # Bytes of per-thread stack (register spills) in the cubin, from Triton's cuobjdump (0 if absent).
-        import re, subprocess, tempfile
+
+    def resources(cubin):
+        # (registers, bytes of per-thread stack: register spills) from Triton's cuobjdump.
         import triton
 
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         if not os.path.exists(tool):
-            return 0
+            return -1, 0
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        return max((int(v) for v in re.findall(r"STACK:(\\d+)", report)), default=0)
+        regs = max((int(v) for v in re.findall(r"REG:(\\d+)", report)), default=-1)
+        return regs, max((int(v) for v in re.findall(r"STACK:(\\d+)", report)), default=0)
+
 
     if __name__ == "__main__":
+        import triton
+
         records = json.load(open(sys.argv[1]))
         with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            failures = [e for e in pool.map(compile_one, records) if e]
-        print(json.dumps({"compiled": len(records) - len(failures), "failures": failures}))
+            results = list(pool.map(compile_one, records))
+        print(json.dumps({"triton": triton.__version__, "results": results}))
 """)
 
 
@@ -235,9 +315,11 @@ def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     _drive_mask_paste()
     kernels = {r["kernel"] for r in recorded.values()}
     expected = {"_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_align_bwd_det_kernel",
-                "_nms_mask_kernel", "_nms_reduce_kernel", "_decode_boxes_kernel", "_rpn_candidates_kernel",
-                "_paste_masks_kernel"}
+                "_nms_mask_kernel", "_nms_cross_kernel", "_nms_reduce_kernel", "_decode_boxes_kernel",
+                "_rpn_candidates_kernel", "_paste_masks_kernel"}
     assert expected <= kernels, f"not launched: {sorted(expected - kernels)}"
+    widths = {r["args"]["W"]["constexpr"] for r in recorded.values() if r["kernel"] == "_nms_reduce_kernel"}
+    assert 128 in widths, f"NMS bitmask widths driven: {sorted(widths)}"
 
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(list(recorded.values())))
@@ -249,8 +331,18 @@ def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     script = tmp_path / "compile_sm90.py"  # a file, so that the worker processes can import it
     script.write_text(COMPILE)
     proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
-                          timeout=900)
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not result["failures"], "\n".join(result["failures"])
-    assert result["compiled"] == len(recorded)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = report["results"]
+    assert len(results) == len(recorded)
+    errors = [r["error"] for r in results if "error" in r]
+    assert not errors, f"{len(errors)} of {len(results)} variants fail to compile:\n" + "\n".join(errors)
+    assert all(r["regs"] > 0 for r in results), "cuobjdump gave no register counts"
+    spills = [f"{r['what']}: {r['regs']} registers, {r['stack']}-byte stack" for r in results if r["stack"]]
+    if spills:
+        message = f"{len(spills)} of {len(results)} variants spill registers under Triton {report['triton']}:\n" \
+                  + "\n".join(spills)
+        if report["triton"].startswith(GATED_TRITON + "."):
+            pytest.fail(message)
+        warnings.warn(message)

@@ -1,0 +1,52 @@
+"""What `pip install .` puts on a machine: fastmask with its kernels, benchmarks and configs inside
+the package, and no top-level ``kernels`` (PyPI has a widely used package of that name)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import os, sys, torch
+import fastmask, fastmask.ops as ops
+import fastmask.kernels.nms, fastmask.benchmarks.run
+from fastmask.engine.cli import resolve_config_path
+site = sys.argv[1]
+assert fastmask.__file__.startswith(site), fastmask.__file__
+assert fastmask.kernels.nms.__file__.startswith(site), fastmask.kernels.nms.__file__
+assert str(resolve_config_path("synthetic")).startswith(site)
+try:
+    import kernels
+except ImportError:
+    pass
+else:
+    raise AssertionError("a top-level 'kernels' is importable: " + str(kernels.__file__))
+boxes = torch.tensor([[0, 0, 4, 4], [1, 1, 5, 5], [10, 10, 12, 12.0]])
+keep = ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.1, backend="triton")  # the kernel, interpreted
+assert keep.tolist() == [0, 2], keep
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
+                    reason="builds without network isolation, which needs setuptools installed")
+def test_installed_package_has_no_top_level_kernels(tmp_path):
+    site = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-compile", "--target", str(site), str(ROOT)], capture_output=True, text=True,
+                           timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert (site / "fastmask" / "kernels" / "roi_align.py").is_file()
+    assert (site / "fastmask" / "configs" / "synthetic.yaml").is_file()
+    assert not (site / "kernels").exists()
+    env = dict(os.environ, PYTHONPATH=str(site), TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

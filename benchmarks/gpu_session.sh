@@ -111,9 +111,10 @@ if [ $dry = 1 ]; then
   mode="dry run (CPU, Triton's interpreter, quick sizes)"
   kernels_sel=("${kernel_files[@]}" -k "cpu and not torch" -m "not model")
   model_sel=(tests/test_model_backends.py -m model -k cpu)
-  bench_args=(--device cpu --quick --budget 30 --budget model=60)
+  # Generous limits: the quick sizes take ~45 s in all on two free cores, and CI's may be busy.
+  bench_args=(--device cpu --quick --budget 90 --budget model=180)
   workers=2
-  limit_env=60 limit_kernels=180 limit_model=120 limit_bench=240 limit_cubins=30
+  limit_env=60 limit_kernels=180 limit_model=120 limit_bench=360 limit_cubins=30
 else
   mode="GPU"
   kernels_sel=(tests -k cuda -m "not model")

@@ -50,7 +50,7 @@ def test_dry_run_writes_the_files_of_a_gpu_run(tmp_path):
     assert not bench["failures"] and not bench["out_of_time"]
     lines, ok = summarize(out)
     assert ok and "kernels: 0 passed" not in "\n".join(lines)
-    assert seconds < 480  # the dry run must stay a small part of CI's budget
+    assert seconds < 600  # the dry run must stay a small part of CI's budget (about 90 s on two free cores)
 
 
 def _junit(path: Path, tests: int, failures: int, skipped: int = 0) -> None:

@@ -212,7 +212,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                             **{"pass": "train"}))
     if not quick and device.startswith("cuda"):
         for name, m in models.items():
-            if name == "fastmask-torch":
+            if not timed(name, "bf16", 1):
                 continue
             m.eval().to(memory_format=torch.channels_last)
             inputs = [(_images(1, cfg["hw"], device, s),) for s in range(3)]

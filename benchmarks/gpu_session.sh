@@ -10,7 +10,7 @@
 #                                                         # interpreter, quick sizes (CI runs this)
 #   bash benchmarks/gpu_session.sh wheels                 # beforehand, on a machine with pip access: the
 #                                                         # GPU machine's missing packages into .whl/
-#   bash benchmarks/gpu_session.sh tests|matrix|bench OUT_DIR [OP...]   # one stage alone, no time limit
+#   bash benchmarks/gpu_session.sh bench OUT_DIR [OP...]  # the benchmarks alone (or some), no time limit
 #
 # Stages of `all`: env (versions, GPU name), kernels (the CUDA case of every kernel test: each
 # kernel variant the model launches, compiled, workers spread over the cores), model (the
@@ -28,7 +28,7 @@
 # (and their tests) import: `wheels` fetches it for that machine's Python (3.12), the GPU call
 # carries `.whl`, and the other stages install it from there.
 set -uo pipefail
-usage="usage: gpu_session.sh all OUT_DIR [--dry-run] | wheels | tests|matrix|bench OUT_DIR [OP...]"
+usage="usage: gpu_session.sh all OUT_DIR [--dry-run] | wheels | bench OUT_DIR [OP...]"
 stage=${1:?$usage}
 if [ "$stage" = wheels ]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -69,34 +69,20 @@ PY
   return $rc
 }
 
-if [ "$stage" != all ]; then
-  versions > "$out/versions.txt" 2>&1
-  case "$stage" in
-    tests)
-      # A module that cannot be imported there must not stop the CUDA tests of the others.
-      "$py" -m pytest -m cuda tests -q -rfEs --continue-on-collection-errors --junitxml="$out/cuda-tests.xml" \
-        2>&1 | tee "$out/cuda-tests.txt"
-      exit "${PIPESTATUS[0]}"
-      ;;
-    matrix)
-      # Every test parametrized over TRITON_DEVICES runs its CUDA case here.
-      mapfile -t extra < <(pytest_extras 8 300)
-      "$py" -m pytest tests -m "not cuda" -k cuda -q -rfEs --continue-on-collection-errors ${extra[@]+"${extra[@]}"} \
-        --junitxml="$out/matrix-tests.xml" 2>&1 | tee "$out/matrix-tests.txt"
-      exit "${PIPESTATUS[0]}"
-      ;;
-    bench)
-      only=()
-      for op in "$@"; do only+=(--only "$op"); done
-      "$py" -m benchmarks.run --device cuda --out "$out" ${only[@]+"${only[@]}"} 2>&1 | tee "$out/bench.txt"
-      exit "${PIPESTATUS[0]}"
-      ;;
-    *)
-      echo "unknown stage $stage; $usage" >&2
-      exit 2
-      ;;
-  esac
-fi
+case "$stage" in
+  all) ;;
+  bench)
+    versions > "$out/versions.txt" 2>&1
+    only=()
+    for op in "$@"; do only+=(--only "$op"); done
+    "$py" -m benchmarks.run --device cuda --out "$out" ${only[@]+"${only[@]}"} 2>&1 | tee "$out/bench.txt"
+    exit "${PIPESTATUS[0]}"
+    ;;
+  *)
+    echo "unknown stage $stage; $usage" >&2
+    exit 2
+    ;;
+esac
 
 # ---- all --------------------------------------------------------------------------------
 dry=0
@@ -139,27 +125,30 @@ t_all=$(date +%s)
 say() { echo "$*" | tee -a "$session"; }
 
 # run_stage NAME LIMIT_S LOG CMD...: CMD under a wall-clock limit, its output to LOG and the
-# console. At the limit it gets SIGINT (pytest then still writes its XML and summary), and
-# SIGKILL 15 s later.
+# console; LOG "-" appends the output to session.txt after the stage's closing line instead
+# (the lease returns at most 8 files). At the limit CMD gets SIGINT (pytest then still writes
+# its XML and summary), and SIGKILL 15 s later.
 run_stage() {
-  local name=$1 limit=$2 log=$3 t0 rc
+  local name=$1 limit=$2 log=$3 t0 rc note=""
   shift 3
+  [ "$log" = - ] && log="$out/.$name.log"
   t0=$(date +%s)
   say "== $name (limit ${limit} s, started $(date -u +%H:%M:%S))"
   timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
-  local note=""
   case $rc in 124|137) note=", OUT OF TIME";; esac
   say "   $name: exit $rc, $(( $(date +%s) - t0 )) s$note"
+  if [ "$log" = "$out/.$name.log" ]; then
+    cat "$log" >> "$session"
+    rm -f "$log"
+  fi
 }
 
 # The commit, for the record: FASTMASK_COMMIT where the checkout was copied without its history.
 FASTMASK_COMMIT=${FASTMASK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export FASTMASK_COMMIT
 say "# gpu_session.sh all: $mode; $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $FASTMASK_COMMIT"
-run_stage env "$limit_env" "$out/env.log" env py="$py" bash -c "$(declare -f versions); versions"
-cat "$out/env.log" >> "$session"
-rm -f "$out/env.log"
+run_stage env "$limit_env" - env py="$py" bash -c "$(declare -f versions); versions"
 
 mapfile -t extra < <(pytest_extras "$workers" 120)
 run_stage kernels "$limit_kernels" "$out/kernels.txt" \
@@ -173,9 +162,7 @@ run_stage model "$limit_model" "$out/model.txt" \
 run_stage bench "$limit_bench" "$out/bench.txt" \
   "$py" -m benchmarks.run "${bench_args[@]}" --out "$out" --name bench --no-chart
 
-run_stage cubins "$limit_cubins" "$out/cubins.log" "$py" -m benchmarks.kernel_resources "$TRITON_CACHE_DIR"
-cat "$out/cubins.log" >> "$session"
-rm -f "$out/cubins.log"
+run_stage cubins "$limit_cubins" - "$py" -m benchmarks.kernel_resources "$TRITON_CACHE_DIR"
 
 "$py" -m benchmarks.session_summary "$out" --seconds "$(( $(date +%s) - t_all ))" | tee -a "$session"
 exit "${PIPESTATUS[0]}"

@@ -35,6 +35,14 @@ def cuobjdump() -> str | None:
     return shutil.which("cuobjdump")
 
 
+def cubin_resources(cubin: Path, tool: str) -> tuple[int, int, int] | None:
+    """(registers, stack bytes, static shared bytes) of a cubin's kernels (the largest of each
+    if it holds several), from ``cuobjdump -res-usage``; None if it reports none."""
+    report = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    found = [tuple(int(v) for v in m) for m in _RES.findall(report)]
+    return tuple(max(col) for col in zip(*found)) if found else None
+
+
 def _split_args(text: str) -> list[str]:
     """The top-level comma-separated items of ``text`` (commas inside (), <>, {} do not split)."""
     items, depth, start = [], 0, 0
@@ -76,15 +84,14 @@ def signature(ttir: str) -> str:
 def report(cache: Path, tool: str) -> list[dict]:
     rows = []
     for cubin in sorted(cache.glob("*/*.cubin")):
-        res = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-        m = _RES.search(res)
-        if not m:
+        res = cubin_resources(cubin, tool)
+        if res is None:
             continue
         meta = cubin.with_suffix(".json")
         warps = re.search(r'"num_warps":\s*(\d+)', meta.read_text()).group(1) if meta.exists() else "?"
         ttir = cubin.with_suffix(".ttir")
-        rows.append({"kernel": cubin.stem, "warps": warps, "regs": int(m.group(1)), "stack": int(m.group(2)),
-                     "shared": int(m.group(3)), "signature": signature(ttir.read_text()) if ttir.exists() else "?"})
+        rows.append({"kernel": cubin.stem, "warps": warps, "regs": res[0], "stack": res[1], "shared": res[2],
+                     "signature": signature(ttir.read_text()) if ttir.exists() else "?"})
     return rows
 
 

@@ -728,10 +728,10 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     Interpreter: tiles of up to 16x32 cells and up to 32 RoIs per step, so that few programs
     and few steps cover the levels.
     """
-    bc = max(16, min(64, triton.next_power_of_2(c)))
     if not gpu_launch(device):
         th = max(4, min(16, triton.next_power_of_2(max(s[2] for s in shapes))))
         tw = max(4, min(32, triton.next_power_of_2(max(s[3] for s in shapes))))
+        bc = max(16, min(64, triton.next_power_of_2(c)))
         p_chunk = max(16, min(64, triton.next_power_of_2(n_bins)))
         return th, tw, bc, min(32, triton.next_power_of_2(max(k, 1))), p_chunk
     return 8, 8, 32, 1, 32

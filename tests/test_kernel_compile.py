@@ -219,7 +219,7 @@ def _drive_mask_paste():
 
 
 COMPILE = textwrap.dedent("""
-    import importlib, json, os, re, subprocess, sys, tempfile, time
+    import importlib, json, os, sys, tempfile, time
     from concurrent.futures import ProcessPoolExecutor
 
     TARGET = ("cuda", 90, 32)
@@ -284,18 +284,20 @@ COMPILE = textwrap.dedent("""
 
 
     def resources(cubin):
-        # (registers, bytes of per-thread stack: register spills) from Triton's cuobjdump.
-        import triton
+        # (registers, bytes of per-thread stack: register spills), read as the GPU session's
+        # register report reads them (the checkout is on PYTHONPATH).
+        from pathlib import Path
 
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if not os.path.exists(tool):
+        from benchmarks.kernel_resources import cubin_resources, cuobjdump
+
+        tool = cuobjdump()
+        if tool is None:
             return -1, 0
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
-            report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        regs = max((int(v) for v in re.findall(r"REG:(\\d+)", report)), default=-1)
-        return regs, max((int(v) for v in re.findall(r"STACK:(\\d+)", report)), default=0)
+            regs, stack, _shared = cubin_resources(Path(f.name), tool) or (-1, 0, 0)
+        return regs, stack
 
 
     if __name__ == "__main__":

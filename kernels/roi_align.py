@@ -1,10 +1,26 @@
 """Triton kernels for multi-level RoI Align: forward, backward with atomics, deterministic backward.
 
-One launch covers every FPN level. Each level arrives as its own pointer with its own height,
-width and strides (at most ``MAX_LEVELS``); the kernel computes each RoI's level with
-torchvision's level mapper and selects that level's pointer and sizes, so no per-level
-masking, sorting or launching happens on the host. Single-level RoI Align is the same kernel
-with ``NUM_LEVELS=1``. The semantics (sample positions, bilinear taps, adaptive grid) are those
+One launch covers every FPN level (at most ``MAX_LEVELS``); the kernel computes each RoI's
+level with torchvision's level mapper and reads that level's sizes, so no per-level masking,
+sorting or launching happens on the host. Single-level RoI Align is the same kernel with
+``NUM_LEVELS=1``.
+
+Level descriptor: everything per level but the feature pointers (height, width, the four
+strides, the fp32 scale, the gradient's offset in the flat buffer, the first tile of the
+deterministic backward) is one int64 Tensor[MAX_LEVELS, DESC_FIELDS] on the device, which a
+kernel reads with a few uniform scalar loads once it knows a RoI's level. A launch so takes
+15 to 19 arguments instead of 53 to 59 (64 to 72 with the constexprs): the Python launch
+(Triton's binder and C launcher) costs per argument, and on the H200 it was the op's floor.
+The table is built once per geometry (shapes, strides, scales, layouts, tiling) and kept on
+the device with the host constants derived with it (``_FWD_PLANS``, ``_BWD_PLANS``), so
+repeated calls with the same feature shapes copy nothing; a new geometry costs one
+asynchronous copy from pinned memory (no host sync). The forward keeps the five feature
+pointers as arguments: their addresses change from call to call, so holding them in the
+table (as element offsets from level 0) would mean a new table and a copy (about 100 us of
+host time on the H200) on most calls, to save four pointer arguments (about 1 us); a pointer
+argument also keeps the 16-byte alignment the JIT specialises on.
+
+The semantics (sample positions, bilinear taps, adaptive grid) are those
 of ``fastmask.ops.roi_align.roi_align_ref``, which is the specification.
 
 Work is organised in "columns": a column is one (RoI, output bin) pair and a program handles
@@ -19,13 +35,16 @@ A program's (column, channel) tile has channels along the fastest axis for chann
 inputs (contiguous channel vectors) and columns along it for NCHW inputs (neighbouring bins
 read neighbouring columns of one channel plane).
 
-Integer arguments that change with the image size (heights, widths, strides) or the number of
-RoIs are not specialised, so a new batch does not recompile; strides are passed divided by
+Values that change with the image size (heights, widths, strides: in the descriptor) or the
+number of RoIs (an argument, not specialised) do not recompile; strides are stored divided by
 ``STRIDE_ALIGN`` (the largest power of two, at most 16, dividing them) so that the compiler
-still knows their alignment.
+still knows their alignment. Sizes and strides are 32-bit in the kernel, as the JIT typed
+the former integer arguments, unless one needs 64 bits (``INDEX_64``).
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -38,11 +57,19 @@ MAX_LEVELS = 5
 # 64-byte fp32 or 32-byte fp16 vector, more than the widest vector load.
 MAX_STRIDE_ALIGN = 16
 
-_LEVEL_INTS = [f"{name}{i}" for i in range(MAX_LEVELS)
-               for name in ("height", "width", "stride_n", "stride_c", "stride_h", "stride_w")]
-_FWD_NO_SPEC = _LEVEL_INTS + ["K", "N", "k_min", "k_max"]
-_BWD_NO_SPEC = _FWD_NO_SPEC + [f"grad_offset{i}" for i in range(MAX_LEVELS)]
-_DET_NO_SPEC = _BWD_NO_SPEC + [f"tile_start{i}" for i in range(MAX_LEVELS)]
+# The level descriptor: row l of an int64 Tensor[MAX_LEVELS, DESC_FIELDS] describes level l
+# (rows past the last level repeat level 0). The kernels read the fields by these numbers
+# (``_level_size``, ``_level_layout``, the atomic backward's sample loops, the deterministic
+# backward's tile search), written there as literals: a global constexpr would add a check
+# to every launch.
+DESC_HEIGHT, DESC_WIDTH = 0, 1
+DESC_STRIDE_N, DESC_STRIDE_C, DESC_STRIDE_H, DESC_STRIDE_W = 2, 3, 4, 5  # divided by STRIDE_ALIGN
+DESC_SCALE = 6  # the fp32 bits of the level's spatial scale
+DESC_OFFSET = 7  # backward: the level's first element in the flat gradient buffer (forward: 0)
+DESC_TILE_START = 8  # deterministic backward: the level's first tile (program id)
+DESC_FIELDS = 9
+# Integers that change with the number of RoIs or the level mapping: not specialised.
+_NO_SPEC = ["K", "N", "k_min", "k_max"]
 
 
 # --------------------------------------------------------------------------- shared device code
@@ -64,71 +91,46 @@ def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _level_geometry(
-    lvl, base0, base1, base2, base3, base4, scale0, scale1, scale2, scale3, scale4,
-    height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-    height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-    height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-    height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-    height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
-    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr,
-):
-    """Level ``lvl``'s geometry, chosen by select among the kernel's per-level arguments.
+def _level_size(desc_ptr, lvl, NUM_LEVELS: tl.constexpr):
+    """Level ``lvl``'s row of the level descriptor, and its (scale, height, width).
 
-    ``lvl``: a level index, scalar or per column; base0..base4: each level's base (a pointer
-    or an element offset into a flat buffer); only the first NUM_LEVELS levels are real.
-    Returns (base, scale, height, width, s_n, s_c, s_h, s_w), strides in elements (the
-    arguments times STRIDE_ALIGN); s_c is 1 when C_CONTIG (the channel strides are not passed).
-    Written out inline rather than through ``_pick``: in the interpreter every call of a
-    ``@triton.jit`` function costs about half a millisecond per program.
+    ``lvl``: a level index, scalar (one RoI per program, as on the GPU: uniform scalar loads of
+    one cached row, 24 bytes here) or per column (a gather of the same rows). A level out of
+    range reads row 0 (the caller masks its columns). Values read from memory occupy
+    registers where arguments were operands from the constant bank, so the sizes and the
+    layout (``_level_layout``) are read separately, each where it is first needed.
     """
-    base, scale, height, width = base0, scale0, height0, width0
-    s_n, s_c, s_h, s_w = stride_n0, stride_c0, stride_h0, stride_w0
-    if NUM_LEVELS > 1:
-        sel = lvl == 1
-        base = tl.where(sel, base1, base)
-        scale = tl.where(sel, scale1, scale)
-        height = tl.where(sel, height1, height)
-        width = tl.where(sel, width1, width)
-        s_n = tl.where(sel, stride_n1, s_n)
-        s_c = tl.where(sel, stride_c1, s_c)
-        s_h = tl.where(sel, stride_h1, s_h)
-        s_w = tl.where(sel, stride_w1, s_w)
-    if NUM_LEVELS > 2:
-        sel = lvl == 2
-        base = tl.where(sel, base2, base)
-        scale = tl.where(sel, scale2, scale)
-        height = tl.where(sel, height2, height)
-        width = tl.where(sel, width2, width)
-        s_n = tl.where(sel, stride_n2, s_n)
-        s_c = tl.where(sel, stride_c2, s_c)
-        s_h = tl.where(sel, stride_h2, s_h)
-        s_w = tl.where(sel, stride_w2, s_w)
-    if NUM_LEVELS > 3:
-        sel = lvl == 3
-        base = tl.where(sel, base3, base)
-        scale = tl.where(sel, scale3, scale)
-        height = tl.where(sel, height3, height)
-        width = tl.where(sel, width3, width)
-        s_n = tl.where(sel, stride_n3, s_n)
-        s_c = tl.where(sel, stride_c3, s_c)
-        s_h = tl.where(sel, stride_h3, s_h)
-        s_w = tl.where(sel, stride_w3, s_w)
-    if NUM_LEVELS > 4:
-        sel = lvl == 4
-        base = tl.where(sel, base4, base)
-        scale = tl.where(sel, scale4, scale)
-        height = tl.where(sel, height4, height)
-        width = tl.where(sel, width4, width)
-        s_n = tl.where(sel, stride_n4, s_n)
-        s_c = tl.where(sel, stride_c4, s_c)
-        s_h = tl.where(sel, stride_h4, s_h)
-        s_w = tl.where(sel, stride_w4, s_w)
+    row = desc_ptr + tl.where((lvl >= 0) & (lvl < NUM_LEVELS), lvl, 0) * 9  # DESC_FIELDS
+    scale = tl.load(row + 6).to(tl.int32).to(tl.float32, bitcast=True)  # DESC_SCALE: fp32 bits
+    height = tl.load(row + 0).to(tl.int32)  # DESC_HEIGHT
+    width = tl.load(row + 1).to(tl.int32)  # DESC_WIDTH
+    return row, scale, height, width
+
+
+@triton.jit
+def _level_layout(row, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr):
+    """A level's (offset, s_n, s_c, s_h, s_w), read from its descriptor ``row``.
+
+    offset: the level's first element (int64); strides in elements, the stored values times
+    STRIDE_ALIGN (so the compiler keeps their alignment), int32 unless INDEX_64 (as the JIT
+    typed the former arguments); s_c is 1 when C_CONTIG (not read).
+    """
+    offset = tl.load(row + 7)  # DESC_OFFSET
+    s_n = tl.load(row + 2)  # DESC_STRIDE_N
+    s_h = tl.load(row + 4)  # DESC_STRIDE_H
+    s_w = tl.load(row + 5)  # DESC_STRIDE_W
+    if not INDEX_64:
+        s_n = s_n.to(tl.int32)
+        s_h = s_h.to(tl.int32)
+        s_w = s_w.to(tl.int32)
     if C_CONTIG:
         s_c = 1
     else:
+        s_c = tl.load(row + 3)  # DESC_STRIDE_C
+        if not INDEX_64:
+            s_c = s_c.to(tl.int32)
         s_c = s_c * STRIDE_ALIGN
-    return base, scale, height, width, s_n * STRIDE_ALIGN, s_c, s_h * STRIDE_ALIGN, s_w * STRIDE_ALIGN
+    return offset, s_n * STRIDE_ALIGN, s_c, s_h * STRIDE_ALIGN, s_w * STRIDE_ALIGN
 
 
 @triton.jit
@@ -222,28 +224,24 @@ def _columns(pid, K, C, PH: tl.constexpr, PW: tl.constexpr, BLOCK_R: tl.constexp
 # --------------------------------------------------------------------------- forward
 
 
-@triton.jit(do_not_specialize=_FWD_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _roi_align_fwd_kernel(
-    out_ptr, rois_ptr, K,
+    out_ptr, rois_ptr, desc_ptr, K,
     feat0, feat1, feat2, feat3, feat4,
-    scale0, scale1, scale2, scale3, scale4,
-    height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-    height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-    height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-    height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-    height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
     out_stride_k, out_stride_c, out_stride_h, out_stride_w,
     N, C, canonical_scale, canonical_level, k_min, k_max,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BINS_INNER: tl.constexpr,
 ):
     """RoI Align forward over all levels in one launch.
 
     out_ptr: Tensor[K, C, PH, PW] (strides out_stride_*); every element is written.
     rois_ptr: fp32 Tensor[K, 5], contiguous rows (batch_index, x1, y1, x2, y2).
-    feat0..feat4: level l's Tensor[N, C, height_l, width_l], strides stride_*_l * STRIDE_ALIGN
-        (the channel stride is 1 when C_CONTIG); unused levels repeat level 0.
+    desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS] (offsets 0).
+    feat0..feat4: level l's Tensor[N, C, height_l, width_l], its sizes and strides (divided by
+        STRIDE_ALIGN; the channel stride is 1 when C_CONTIG) in row l of the descriptor;
+        unused levels repeat level 0.
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C channels).
     """
     Q_AXIS: tl.constexpr = 0 if BINS_INNER else 1  # where expand_dims puts the column axis
@@ -256,16 +254,12 @@ def _roi_align_fwd_kernel(
     else:
         lvl_pick = lvl
 
-    # Each column's level: pointer, sizes and strides by select, no per-level launch. A RoI
-    # whose batch index or level is out of range pools zeros.
-    feat, scale, height, width, s_n, s_c, s_h, s_w = _level_geometry(
-        lvl_pick, feat0, feat1, feat2, feat3, feat4, scale0, scale1, scale2, scale3, scale4,
-        height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-        height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-        height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-        height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-        height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
-        NUM_LEVELS, STRIDE_ALIGN, C_CONTIG)
+    # Each column's level: its pointer by select among the arguments, its sizes and strides
+    # from the descriptor (scalar loads from cache), no per-level launch. A RoI whose batch
+    # index or level is out of range pools zeros.
+    row, scale, height, width = _level_size(desc_ptr, lvl_pick, NUM_LEVELS)
+    _, s_n, s_c, s_h, s_w = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
+    feat = _pick(lvl_pick, feat0, feat1, feat2, feat3, feat4, NUM_LEVELS)
     col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
     base = feat + b.to(tl.int64) * s_n
     if C_CONTIG:
@@ -326,28 +320,23 @@ def _roi_align_fwd_kernel(
 # --------------------------------------------------------------------------- backward (atomics)
 
 
-@triton.jit(do_not_specialize=_BWD_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _roi_align_bwd_kernel(
-    grad_ptr, grad_out_ptr, rois_ptr, K,
-    grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4,
-    scale0, scale1, scale2, scale3, scale4,
-    height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-    height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-    height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-    height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-    height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
+    grad_ptr, grad_out_ptr, rois_ptr, desc_ptr, K,
     go_stride_k, go_stride_c, go_stride_h, go_stride_w,
     N, C, canonical_scale, canonical_level, k_min, k_max,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BINS_INNER: tl.constexpr,
 ):
     """RoI Align backward over all levels in one launch, by fp32 atomic adds.
 
     grad_ptr: flat fp32 buffer, zero-filled; level l's gradient Tensor[N, C, height_l, width_l]
-        starts at element grad_offset_l, strides stride_*_l * STRIDE_ALIGN.
+        starts at the element its descriptor row's offset says, with its strides (times
+        STRIDE_ALIGN).
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
     rois_ptr: fp32 Tensor[K, 5], contiguous rows.
+    desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C
     channels), as the forward.
     """
@@ -356,23 +345,17 @@ def _roi_align_bwd_kernel(
     k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C)
     b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
                                         NUM_LEVELS)
-    if BLOCK_R == 1:  # one RoI: select its level by a scalar, which keeps pointer alignment known
+    if BLOCK_R == 1:  # one RoI: select its level by a scalar (uniform loads of its descriptor row)
         lvl_pick = tl.max(lvl, axis=0)
     else:
         lvl_pick = lvl
 
-    # Each column's level, as the forward (the base is an offset into the flat gradient).
-    g_off, scale, height, width, s_n, s_c, s_h, s_w = _level_geometry(
-        lvl_pick, grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4,
-        scale0, scale1, scale2, scale3, scale4,
-        height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-        height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-        height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-        height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-        height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
-        NUM_LEVELS, STRIDE_ALIGN, C_CONTIG)
+    # Each column's level, as the forward (the base is an offset into the flat gradient; the
+    # row and column strides are read in the sample loops below).
+    row, scale, _, _ = _level_size(desc_ptr, lvl_pick, NUM_LEVELS)
+    g_off, s_n, s_c, _, _ = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
     col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
-    base = grad_ptr + g_off.to(tl.int64) + b.to(tl.int64) * s_n
+    base = grad_ptr + g_off + b.to(tl.int64) * s_n
     if C_CONTIG:
         chan = tl.expand_dims(offs_c, C_AXIS)
     else:
@@ -399,16 +382,29 @@ def _roi_align_bwd_kernel(
         n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
     # Each sample adds its 4 weighted taps straight into the level's fp32 gradient: one pass
     # over the output gradient, no per-sample or per-level intermediate in memory.
+    # The level's height and row stride (and in the inner loop its width and column stride)
+    # are read from its descriptor row again at each step: uniform loads that hit L1, which
+    # the atomics keep the compiler from hoisting. Kept live through the loops instead, they
+    # cost 6 to 13 registers at 14x14 bins in NCHW under Triton 3.6 (54-60 instead of 48:
+    # four 8-warp blocks per SM instead of five); the argument version read them from the
+    # constant bank.
     for iy in range(0, n_y):
         y = y_bin + tl.div_rn((iy + 0.5) * bin_h, grid_h_f)
-        y_lo, y_hi, wy_lo, wy_hi, y_in = _taps(y, height)
+        y_lo, y_hi, wy_lo, wy_hi, y_in = _taps(y, tl.load(row + 0).to(tl.int32))  # DESC_HEIGHT
         y_in = y_in & (iy < grid_h) & col_ok
-        row_lo = base + y_lo * s_h
-        row_hi = base + y_hi * s_h
+        s_h = tl.load(row + 4)  # DESC_STRIDE_H
+        if not INDEX_64:
+            s_h = s_h.to(tl.int32)
+        row_lo = base + y_lo * (s_h * STRIDE_ALIGN)
+        row_hi = base + y_hi * (s_h * STRIDE_ALIGN)
         for ix in range(0, n_x):
             x = x_bin + tl.div_rn((ix + 0.5) * bin_w, grid_w_f)
-            x_lo, x_hi, wx_lo, wx_hi, x_in = _taps(x, width)
+            x_lo, x_hi, wx_lo, wx_hi, x_in = _taps(x, tl.load(row + 1).to(tl.int32))  # DESC_WIDTH
             mask = tl.expand_dims(y_in & x_in & (ix < grid_w), Q_AXIS) & c_ok
+            s_w = tl.load(row + 5)  # DESC_STRIDE_W
+            if not INDEX_64:
+                s_w = s_w.to(tl.int32)
+            s_w = s_w * STRIDE_ALIGN
             col_lo = x_lo * s_w
             col_hi = x_hi * s_w
             tl.atomic_add(tl.expand_dims(row_lo + col_lo, Q_AXIS) + chan,
@@ -460,33 +456,26 @@ def _tile_rois(rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale,
     return reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count
 
 
-@triton.jit(do_not_specialize=_DET_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _roi_align_bwd_det_kernel(
-    grad_ptr, grad_out_ptr, rois_ptr, K,
-    tile_start0, tile_start1, tile_start2, tile_start3, tile_start4,
-    grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4,
-    scale0, scale1, scale2, scale3, scale4,
-    height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-    height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-    height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-    height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-    height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
+    grad_ptr, grad_out_ptr, rois_ptr, desc_ptr, K,
     go_stride_k, go_stride_c, go_stride_h, go_stride_w,
     N, C, canonical_scale, canonical_level, k_min, k_max,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     P_CHUNK: tl.constexpr, SCAN: tl.constexpr,
 ):
     """RoI Align backward, deterministic: every gradient cell is gathered by exactly one program.
 
     grad_ptr: flat fp32 buffer (need not be initialised); level l's gradient
-        Tensor[N, C, height_l, width_l] starts at element grad_offset_l, strides
-        stride_*_l * STRIDE_ALIGN; every element of it is written.
+        Tensor[N, C, height_l, width_l] starts at the element its descriptor row's offset says,
+        with its strides (times STRIDE_ALIGN); every element of it is written.
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
     rois_ptr: fp32 Tensor[K, 5], contiguous rows.
+    desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
     Grid: (tiles, channel blocks); tiles enumerate (level, image, TILE_H x TILE_W cells), level
-    l's tiles numbered from tile_start_l.
+    l's tiles numbered from its descriptor row's tile start.
 
     Bilinear weights are separable and a bin's samples form a product grid, so the gradient
     a column q = (RoI k, bin p) sends to cell t is Wy[t, q] * Wx[t, q] * grad_out[k, :, p] / count.
@@ -497,31 +486,15 @@ def _roi_align_bwd_det_kernel(
     bitwise reproducible. The RoIs are read once per tile (K * 20 bytes, from L2), and again
     for the blocks with a hit.
     """
+    # The program's level: how many levels' first tiles it is past (NUM_LEVELS - 1 uniform
+    # scalar loads, independent of each other), then that level's row.
     pid = tl.program_id(0)
     lvl = pid * 0
-    if NUM_LEVELS > 1:
-        lvl += (pid >= tile_start1).to(tl.int32)
-    if NUM_LEVELS > 2:
-        lvl += (pid >= tile_start2).to(tl.int32)
-    if NUM_LEVELS > 3:
-        lvl += (pid >= tile_start3).to(tl.int32)
-    if NUM_LEVELS > 4:
-        lvl += (pid >= tile_start4).to(tl.int32)
-    first_tile = _pick(lvl, tile_start0, tile_start1, tile_start2, tile_start3, tile_start4, NUM_LEVELS)
-    g_off, scale, height, width, s_n, s_c, s_h, s_w = _level_geometry(
-        lvl, grad_offset0, grad_offset1, grad_offset2, grad_offset3, grad_offset4,
-        scale0, scale1, scale2, scale3, scale4,
-        height0, width0, stride_n0, stride_c0, stride_h0, stride_w0,
-        height1, width1, stride_n1, stride_c1, stride_h1, stride_w1,
-        height2, width2, stride_n2, stride_c2, stride_h2, stride_w2,
-        height3, width3, stride_n3, stride_c3, stride_h3, stride_w3,
-        height4, width4, stride_n4, stride_c4, stride_h4, stride_w4,
-        NUM_LEVELS, STRIDE_ALIGN, C_CONTIG)
+    for l in tl.static_range(1, NUM_LEVELS):
+        lvl += (pid >= tl.load(desc_ptr + l * 9 + 8).to(tl.int32)).to(tl.int32)  # DESC_TILE_START
+    first_tile = tl.load(desc_ptr + lvl * 9 + 8).to(tl.int32)  # DESC_FIELDS, DESC_TILE_START
+    row, scale, height, width = _level_size(desc_ptr, lvl, NUM_LEVELS)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if C_CONTIG:
-        c_off = offs_c
-    else:
-        c_off = offs_c * s_c
     c_ok = offs_c < C
 
     tiles_x = tl.cdiv(width, TILE_W)
@@ -576,16 +549,33 @@ def _roi_align_bwd_det_kernel(
                                      mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
                         acc = tl.dot(w, tl.div_rn(go, count[:, None]), acc, input_precision="ieee")
 
-    # Every cell of the tile is written (zero where no RoI reaches it).
+    # Every cell of the tile is written (zero where no RoI reaches it). The gradient's layout
+    # is read only now, so that it does not hold registers through the RoI loop.
+    g_off, s_n, s_c, s_h, s_w = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
+    if C_CONTIG:
+        c_off = offs_c
+    else:
+        c_off = offs_c * s_c
     cell_rows = tile_y0 + tl.arange(0, TILE_H * TILE_W) // TILE_W
     cell_cols = tile_x0 + tl.arange(0, TILE_H * TILE_W) % TILE_W
-    ptrs = (grad_ptr + g_off.to(tl.int64) + n.to(tl.int64) * s_n + (cell_rows * s_h + cell_cols * s_w)[:, None]
+    ptrs = (grad_ptr + g_off + n.to(tl.int64) * s_n + (cell_rows * s_h + cell_cols * s_w)[:, None]
             + c_off[None, :])
     mask = ((cell_rows < height) & (cell_cols < width))[:, None] & c_ok[None, :]
     tl.store(ptrs, acc, mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
+
+
+# Host arithmetic in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+# functions, whose host call costs a few microseconds each (five of them per launch).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -602,31 +592,89 @@ def _stride_align(strides) -> int:
     return align
 
 
-def _level_args(shapes, strides, scales, c_contig: bool):
-    """Per-level keyword arguments (scale, sizes, strides), unused levels padded with level 0.
+def _fp32_bits(x: float) -> int:
+    """The bits of ``x`` rounded to fp32 (as the JIT passes a float argument), as an int32."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
 
-    Returns (kwargs, STRIDE_ALIGN); the channel stride is left out (0) when ``c_contig``.
+
+def _level_rows(shapes, strides, scales, c_contig: bool, offsets=None, tile_starts=None):
+    """The level descriptor's rows (see DESC_FIELDS), unused levels repeating level 0.
+
+    Returns (rows, STRIDE_ALIGN, INDEX_64): strides are stored divided by STRIDE_ALIGN (the
+    channel stride as 0 when ``c_contig``: the kernel does not read it); INDEX_64 is set when
+    a size or a stored stride needs 64 bits (the JIT typed such an argument i64, the others
+    i32). Offsets are int64 in the kernel either way.
     """
-    def padded(values):
-        return list(values) + [values[0]] * (MAX_LEVELS - len(values))
+    align = _stride_align([v for st in strides for i, v in enumerate(st) if not (c_contig and i == 1)])
+    rows = []
+    for i, ((_, _, h, w), (sn, sc, sh, sw), scale) in enumerate(zip(shapes, strides, scales)):
+        row = [0] * DESC_FIELDS
+        row[DESC_HEIGHT], row[DESC_WIDTH] = int(h), int(w)
+        row[DESC_STRIDE_N], row[DESC_STRIDE_H], row[DESC_STRIDE_W] = sn // align, sh // align, sw // align
+        row[DESC_STRIDE_C] = 0 if c_contig else sc // align
+        row[DESC_SCALE] = _fp32_bits(float(scale))
+        row[DESC_OFFSET] = offsets[i] if offsets else 0
+        row[DESC_TILE_START] = tile_starts[i] if tile_starts else 0
+        rows.append(row)
+    index_64 = any(max(r[DESC_HEIGHT], r[DESC_WIDTH], r[DESC_STRIDE_N], r[DESC_STRIDE_C], r[DESC_STRIDE_H],
+                       r[DESC_STRIDE_W]) >= 2**31 for r in rows)
+    return rows + [rows[0]] * (MAX_LEVELS - len(rows)), align, index_64
 
-    align = _stride_align([s for st in strides for i, s in enumerate(st) if not (c_contig and i == 1)])
-    kwargs = {}
-    for i, (shape, st, scale) in enumerate(zip(padded(shapes), padded(strides), padded(list(scales)))):
-        kwargs[f"scale{i}"] = float(scale)
-        kwargs[f"height{i}"] = int(shape[2])
-        kwargs[f"width{i}"] = int(shape[3])
-        for name, s in zip(("stride_n", "stride_c", "stride_h", "stride_w"), st):
-            kwargs[f"{name}{i}"] = 0 if (c_contig and name == "stride_c") else s // align
-    return kwargs, align
+
+def _descriptor(rows, device: torch.device):
+    """``rows`` as an int64 Tensor on ``device``, and the host tensor it is copied from.
+
+    On CUDA the copy is one asynchronous copy from pinned memory on the current stream (no
+    host sync); the caller keeps the pinned source alive with the descriptor, so that a copy
+    captured in a CUDA graph replays the same values. Built outside inference mode, as
+    ``fastmask.ops._device.device_constant``, so that a cached table is usable in any mode.
+    """
+    with torch.inference_mode(False):
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True), host
 
 
-def _roi_kwargs(rois, n, c, output_size, sampling_ratio, aligned, canonical_scale, canonical_level,
-                k_min, k_max, num_levels):
-    return dict(rois_ptr=rois, K=rois.shape[0], N=n, C=c, canonical_scale=float(canonical_scale),
-                canonical_level=float(canonical_level), k_min=int(k_min), k_max=int(k_max),
-                PH=output_size[0], PW=output_size[1], SAMPLING=max(int(sampling_ratio), 0),
-                ALIGNED=bool(aligned), NUM_LEVELS=num_levels)
+try:  # the current stream's handle, as Triton's launcher reads it (about 0.1 us)
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # a torch build without CUDA: never called with a CUDA device
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def _stream_key(device: torch.device):
+    """The current stream on a CUDA ``device`` (None elsewhere). Descriptors are cached per
+    stream: a table copied on one stream is ordered before that stream's later kernels only,
+    so another stream gets its own copy rather than a wait."""
+    return _raw_stream(device.index) if device.type == "cuda" else None
+
+
+# Launch plans (the level descriptor on the device and the host-side constants derived with
+# it), keyed by everything they are computed from. A model calls the op with a handful of
+# feature geometries, so a call almost always finds its plan; the bound only keeps a stream
+# of new image sizes from growing the cache without limit (oldest plans are dropped first).
+_PLAN_CACHE_SIZE = 256
+_FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+
+
+def _keep(cache: dict, key, plan):
+    """Store ``plan`` under ``key``, first dropping the oldest plan when the cache is full."""
+    if len(cache) >= _PLAN_CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = plan
+    return plan
+
+
+def _fwd_plan(features, scales, device: torch.device):
+    """(descriptor, pinned source, STRIDE_ALIGN, C_CONTIG, channels-last output, INDEX_64) for
+    features of these shapes and strides at these scales."""
+    shapes, strides = [f.shape for f in features], [f.stride() for f in features]
+    c_contig = all(st[1] == 1 for st in strides)
+    rows, align, index_64 = _level_rows(shapes, strides, scales, c_contig)
+    desc, host = _descriptor(rows, device)
+    return desc, host, align, c_contig, all(is_channels_last(f) for f in features), index_64
 
 
 def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_last: bool,
@@ -642,13 +690,12 @@ def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_las
     up to 32 whole RoIs with all their channels (up to 64).
     """
     if not gpu_launch(device):
-        br, bp, bc = min(32, triton.next_power_of_2(max(k, 1))), triton.next_power_of_2(n_bins), \
-            min(64, triton.next_power_of_2(c))
+        br, bp, bc = min(32, _pow2(max(k, 1))), _pow2(n_bins), min(64, _pow2(c))
     elif channels_last:
-        br, bp, bc = 1, 1, min(256, triton.next_power_of_2(c))
+        br, bp, bc = 1, 1, min(256, _pow2(c))
     else:
-        br, bp = 1, min(1024, triton.next_power_of_2(n_bins))
-        bc = max(1, min(triton.next_power_of_2(c), 1024 // bp))
+        br, bp = 1, min(1024, _pow2(n_bins))
+        bc = max(1, min(_pow2(c), 1024 // bp))
     br, bp, bc = block_r or br, block_p or bp, block_c or bc
     warps = max(1, min(8, br * bp * bc // 128))
     return br, bp, bc, warps
@@ -672,26 +719,32 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
     n, c = f0.shape[:2]
     k = rois.shape[0]
     ph, pw = output_size
-    channels_last = all(is_channels_last(f) for f in features)
+    device = f0.device
+    # The level descriptor and layout flags: computed and copied once per geometry, then a
+    # dictionary lookup (the key is every input they are computed from).
+    key = (device, _stream_key(device), tuple(scales), tuple([(f.shape, f.stride()) for f in features]))
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _keep(_FWD_PLANS, key, _fwd_plan(features, scales, device))
+    desc, _, align, c_contig, channels_last, index_64 = plan
     if out is None:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty((k, c, ph, pw), dtype=f0.dtype, device=f0.device, memory_format=fmt)
+        out = torch.empty((k, c, ph, pw), dtype=f0.dtype, device=device, memory_format=fmt)
     if k == 0 or c == 0:
         return out
-    c_contig = all(f.stride(1) == 1 for f in features)
-    level_kwargs, align = _level_args([f.shape for f in features], [f.stride() for f in features], scales, c_contig)
-    br, bp, bc, warps = _tile_config(f0.device, k, c, ph * pw, channels_last, block_r, block_p, block_c)
+    br, bp, bc, warps = _tile_config(device, k, c, ph * pw, channels_last, block_r, block_p, block_c)
     feats = list(features) + [f0] * (MAX_LEVELS - len(features))
+    so = out.stride()
     # Grid: one program per (RoI block, bin block, channel block).
-    grid = (triton.cdiv(k, br) * triton.cdiv(ph * pw, bp) * triton.cdiv(c, bc),)
+    grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
     _roi_align_fwd_kernel[grid](
-        out_ptr=out, **{f"feat{i}": f for i, f in enumerate(feats)}, **level_kwargs,
-        out_stride_k=out.stride(0), out_stride_c=out.stride(1), out_stride_h=out.stride(2),
-        out_stride_w=out.stride(3),
-        **_roi_kwargs(rois, n, c, output_size, sampling_ratio, aligned, canonical_scale, canonical_level,
-                      k_min, k_max, len(features)),
-        STRIDE_ALIGN=align, C_CONTIG=c_contig, BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not channels_last,
-        num_warps=warps,
+        out, rois, desc, k,
+        feats[0], feats[1], feats[2], feats[3], feats[4],
+        so[0], so[1], so[2], so[3],
+        n, c, float(canonical_scale), float(canonical_level), int(k_min), int(k_max),
+        PH=ph, PW=pw, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), NUM_LEVELS=len(features),
+        STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
+        BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not channels_last, num_warps=warps,
     )
     return out
 
@@ -729,12 +782,28 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     and few steps cover the levels.
     """
     if not gpu_launch(device):
-        th = max(4, min(16, triton.next_power_of_2(max(s[2] for s in shapes))))
-        tw = max(4, min(32, triton.next_power_of_2(max(s[3] for s in shapes))))
-        bc = max(16, min(64, triton.next_power_of_2(c)))
-        p_chunk = max(16, min(64, triton.next_power_of_2(n_bins)))
-        return th, tw, bc, min(32, triton.next_power_of_2(max(k, 1))), p_chunk
+        th = max(4, min(16, _pow2(max(s[2] for s in shapes))))
+        tw = max(4, min(32, _pow2(max(s[3] for s in shapes))))
+        bc = max(16, min(64, _pow2(c)))
+        p_chunk = max(16, min(64, _pow2(n_bins)))
+        return th, tw, bc, min(32, _pow2(max(k, 1))), p_chunk
     return 8, 8, 32, 1, 32
+
+
+def _bwd_plan(shapes, channels_last, scales, tiling, device: torch.device):
+    """(descriptor, pinned source, gradient strides, offsets, total size, tiles, STRIDE_ALIGN,
+    C_CONTIG, INDEX_64) for gradients of these shapes and layouts; ``tiling``: the deterministic
+    backward's (TILE_H, TILE_W), whose tile numbering the descriptor holds (None: atomic)."""
+    strides, offsets, total = _grad_layout(shapes, channels_last)
+    c_contig = all(channels_last)
+    tile_starts, num_tiles = None, 0
+    if tiling is not None:
+        th, tw = tiling
+        tiles = [s[0] * _cdiv(s[2], th) * _cdiv(s[3], tw) for s in shapes]
+        tile_starts, num_tiles = [sum(tiles[:i]) for i in range(len(tiles))], sum(tiles)
+    rows, align, index_64 = _level_rows(shapes, strides, scales, c_contig, offsets, tile_starts)
+    desc, host = _descriptor(rows, device)
+    return desc, host, strides, offsets, total, num_tiles, align, c_contig, index_64
 
 
 def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple[int, int, int, int]],
@@ -756,38 +825,45 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
     n, c = shapes[0][:2]
     k = rois.shape[0]
     ph, pw = output_size
-    strides, offsets, total = _grad_layout(shapes, channels_last)
-    if out is None:
-        out = (torch.empty if deterministic else torch.zeros)(total, dtype=torch.float32, device=device)
-    c_contig = all(channels_last)
-    level_kwargs, align = _level_args(shapes, strides, scales, c_contig)
-    offsets_kw = {f"grad_offset{i}": o for i, o in enumerate(offsets + [0] * (MAX_LEVELS - len(offsets)))}
-    go_strides = dict(go_stride_k=grad_out.stride(0), go_stride_c=grad_out.stride(1),
-                      go_stride_h=grad_out.stride(2), go_stride_w=grad_out.stride(3))
-    roi_kwargs = _roi_kwargs(rois, n, c, output_size, sampling_ratio, aligned, canonical_scale, canonical_level,
-                             k_min, k_max, len(shapes))
-    if total and deterministic:
+    if deterministic:
         th, tw, bc, br, p_chunk = _det_config(device, shapes, k, c, ph * pw)
         br, bc = block_r or br, block_c or bc
-        tiles = [s[0] * triton.cdiv(s[2], th) * triton.cdiv(s[3], tw) for s in shapes]
-        starts = [sum(tiles[:i]) for i in range(len(tiles))]
-        starts += [sum(tiles)] * (MAX_LEVELS - len(starts))
+        tiling = (th, tw)
+    else:
+        tiling = None
+    # The level descriptor (sizes, strides, gradient offsets, tile starts) and the gradient
+    # layout: computed and copied once per geometry, then a dictionary lookup.
+    key = (device, _stream_key(device), tiling, tuple(scales), tuple(map(tuple, shapes)), tuple(channels_last))
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _keep(_BWD_PLANS, key, _bwd_plan(shapes, channels_last, scales, tiling, device))
+    desc, _, strides, offsets, total, num_tiles, align, c_contig, index_64 = plan
+    if out is None:
+        out = (torch.empty if deterministic else torch.zeros)(total, dtype=torch.float32, device=device)
+    gs = grad_out.stride()
+    if total and deterministic:
         # Grid: one program per (level, image, TILE_H x TILE_W cell tile) x channel block.
-        grid = (sum(tiles), triton.cdiv(c, bc))
+        grid = (num_tiles, _cdiv(c, bc))
         _roi_align_bwd_det_kernel[grid](
-            grad_ptr=out, grad_out_ptr=grad_out, **{f"tile_start{i}": s for i, s in enumerate(starts)},
-            **offsets_kw, **level_kwargs, **go_strides, **roi_kwargs,
-            STRIDE_ALIGN=align, C_CONTIG=c_contig, TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk,
-            SCAN=br * triton.cdiv(DET_SCAN, br), num_warps=8 if gpu_launch(device) else 4,
+            out, grad_out, rois, desc, k,
+            gs[0], gs[1], gs[2], gs[3],
+            n, c, float(canonical_scale), float(canonical_level), int(k_min), int(k_max),
+            PH=ph, PW=pw, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), NUM_LEVELS=len(shapes),
+            STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
+            TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk, SCAN=br * _cdiv(DET_SCAN, br),
+            num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:
         br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, block_r, block_p, block_c)
         # Grid: one program per (RoI block, bin block, channel block), as the forward.
-        grid = (triton.cdiv(k, br) * triton.cdiv(ph * pw, bp) * triton.cdiv(c, bc),)
+        grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
         _roi_align_bwd_kernel[grid](
-            grad_ptr=out, grad_out_ptr=grad_out, **offsets_kw, **level_kwargs, **go_strides, **roi_kwargs,
-            STRIDE_ALIGN=align, C_CONTIG=c_contig, BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not c_contig,
-            num_warps=warps,
+            out, grad_out, rois, desc, k,
+            gs[0], gs[1], gs[2], gs[3],
+            n, c, float(canonical_scale), float(canonical_level), int(k_min), int(k_max),
+            PH=ph, PW=pw, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), NUM_LEVELS=len(shapes),
+            STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
+            BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not c_contig, num_warps=warps,
         )
     flat = out if grad_dtype in (None, torch.float32) else out.to(grad_dtype)
     return [flat[o:o + s[0] * s[1] * s[2] * s[3]].as_strided(tuple(s), st)

@@ -297,6 +297,127 @@ def test_deterministic_backward_gpu_shape_scans_rois_in_blocks(device):
         assert_close_verbose(a.cpu(), b.cpu(), *TOL[torch.float32], what=f"det, one RoI per step, level {i}")
 
 
+# --------------------------------------------------------------------------- level descriptor
+
+
+def test_kernels_take_few_arguments():
+    """Per-level values travel in the level descriptor, not as arguments (the launch's host
+    cost grows with the argument count): at most 20 runtime arguments per kernel."""
+    import inspect
+
+    from fastmask.kernels import roi_align as ra
+
+    for kernel in (ra._roi_align_fwd_kernel, ra._roi_align_bwd_kernel, ra._roi_align_bwd_det_kernel):
+        params = inspect.signature(kernel.fn).parameters.values()
+        runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
+        assert "desc_ptr" in runtime
+        assert len(runtime) <= 20, f"{kernel.fn.__name__}: {len(runtime)} arguments: {runtime}"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_descriptor_cached_per_geometry(device):
+    """A call with the geometry of an earlier one reuses its descriptor (no copy); new feature
+    data with the same geometry is read through the new pointers; new scales or strides get
+    their own descriptor, whose rows hold the sizes, strides and fp32 scale bits."""
+    import struct
+
+    from fastmask.kernels import roi_align as ra
+
+    feats = make_pyramid(2, 12, 3, seed=30, device=device)
+    boxes = [pyramid_boxes(4, IMAGE_SIZES[0], 31, device), pyramid_boxes(3, IMAGE_SIZES[1], 32, device)]
+    rois = boxes_to_rois(boxes).float().contiguous()
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    k_min, k_max = level_range(scales)
+    kw = dict(k_min=k_min, k_max=k_max)
+
+    def plan_of(features, sc):
+        key = (features[0].device, ra._stream_key(features[0].device), tuple(sc),
+               tuple([(f.shape, f.stride()) for f in features]))
+        return ra._FWD_PLANS[key]
+
+    ra.roi_align_fwd(feats, rois, (3, 3), scales, 2, False, **kw)
+    desc = plan_of(feats, scales)[0]
+    assert desc.shape == (ra.MAX_LEVELS, ra.DESC_FIELDS) and desc.dtype == torch.int64
+    table = desc.cpu()
+    for lvl, f in enumerate(feats):
+        row = table[lvl].tolist()
+        align = plan_of(feats, scales)[2]
+        assert row[ra.DESC_HEIGHT:ra.DESC_WIDTH + 1] == list(f.shape[2:])
+        assert [row[ra.DESC_STRIDE_N] * align, row[ra.DESC_STRIDE_H] * align,
+                row[ra.DESC_STRIDE_W] * align] == [f.stride(0), f.stride(2), f.stride(3)]
+        assert struct.unpack("<f", struct.pack("<i", row[ra.DESC_SCALE]))[0] == pytest.approx(scales[lvl])
+    assert torch.equal(table[len(feats):], table[:1].expand(ra.MAX_LEVELS - len(feats), -1))
+
+    # Same geometry, other data: the same descriptor object, the new data's result.
+    other = [f * 2.0 + 1.0 for f in feats]
+    got = ra.roi_align_fwd(other, rois, (3, 3), scales, 2, False, **kw)
+    assert plan_of(other, scales)[0] is desc
+    expected = tv_multiscale([f.cpu() for f in other], [b.cpu() for b in boxes], (3, 3), 2)
+    assert_close_verbose(got.cpu(), expected, *TOL[torch.float32], what="new data, cached descriptor")
+
+    # Other scales (sizes unchanged): a new descriptor, and the result of those scales.
+    half = [s / 2 for s in scales]
+    lo, hi = level_range(half)
+    got = ra.roi_align_fwd(feats, rois, (3, 3), half, 2, False, k_min=lo, k_max=hi)
+    assert plan_of(feats, half)[0] is not desc
+    expected = multiscale_roi_align_ref(feats, rois, (3, 3), half, 2)
+    assert_close_verbose(got, expected, *TOL[torch.float32], what="other scales")
+
+    # Other strides (channels-last): a new descriptor and a channels-last result.
+    cl = [to_layout(f, "channels_last") for f in feats]
+    got = ra.roi_align_fwd(cl, rois, (3, 3), scales, 2, False, **kw)
+    assert plan_of(cl, scales)[0] is not desc
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    expected = tv_multiscale([f.cpu() for f in feats], [b.cpu() for b in boxes], (3, 3), 2)
+    assert_close_verbose(got.cpu(), expected, *TOL[torch.float32], what="channels-last descriptor")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_descriptor_cache_is_bounded(device, monkeypatch):
+    from fastmask.kernels import roi_align as ra
+
+    monkeypatch.setattr(ra, "_PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(ra, "_FWD_PLANS", {})
+    rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 5.0]], device=device)
+    for width in (7, 8, 9):
+        ra.roi_align_fwd([torch.randn(1, 2, 6, width, device=device)], rois, (2, 2), [1.0], 2, True)
+    assert [key[-1][0][0][3] for key in ra._FWD_PLANS] == [8, 9]  # the oldest geometry was dropped
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_index_64_kernels(device, layout, monkeypatch):
+    """The kernels' 64-bit index variant (sizes or strides past int32, forced here on small
+    inputs) gives the same forward and backward as the 32-bit one."""
+    from fastmask.kernels import roi_align as ra
+
+    feats = make_pyramid(2, 12, 2, layout, seed=33, device=device)
+    boxes = [pyramid_boxes(3, IMAGE_SIZES[0], 34, device), pyramid_boxes(2, IMAGE_SIZES[1], 35, device)]
+    rois = boxes_to_rois(boxes).float().contiguous()
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    geometry = dict(k_min=level_range(scales)[0], k_max=level_range(scales)[1])
+    shapes, cl = [tuple(f.shape) for f in feats], [layout == "channels_last"] * 2
+    grad = torch.randn(rois.shape[0], 12, 4, 4, generator=torch.Generator().manual_seed(36)).to(device)
+
+    def run():
+        out = ra.roi_align_fwd(feats, rois, (4, 4), scales, 2, False, **geometry)
+        grads = [ra.roi_align_bwd(grad, rois, shapes, cl, (4, 4), scales, 2, False, deterministic=det, **geometry)
+                 for det in (False, True)]
+        return out, grads
+
+    ref_out, ref_grads = run()
+    real = ra._level_rows
+    monkeypatch.setattr(ra, "_level_rows", lambda *a, **k: real(*a, **k)[:2] + (True,))
+    monkeypatch.setattr(ra, "_FWD_PLANS", {})
+    monkeypatch.setattr(ra, "_BWD_PLANS", {})
+    out, grads = run()
+    assert all(plan[-1] for plan in ra._FWD_PLANS.values()) and all(plan[-1] for plan in ra._BWD_PLANS.values())
+    assert_close_verbose(out.cpu(), ref_out.cpu(), 1e-6, 0, what="forward")
+    for det, (got, ref) in enumerate(zip(grads, ref_grads)):
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert_close_verbose(a.cpu(), b.cpu(), 1e-6, 0, what=f"backward det={bool(det)} level {i}")
+
+
 # --------------------------------------------------------------------------- edge cases
 
 

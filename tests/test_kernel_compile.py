@@ -4,7 +4,7 @@ The interpreter, which runs the other kernel tests on the CPU, accepts programs 
 compiler rejects (mixed dtypes in ``tl.where``, a shape that is not a constexpr, an
 unsupported cast), and it launches with its own wide block shapes. So the ops are called
 here on inputs of the model's sizes (256 channels, batch 1 and 2, proposal and detection
-counts, NMS past one 8192-box chunk) and of the CUDA tests, with the GPU's launch shapes and
+counts, NMS past one chunk) and of the CUDA tests, with the GPU's launch shapes and
 every launch recorded instead of run; each distinct variant is then compiled ahead of time
 for sm_90 in a subprocess where Triton is not in interpreter mode.
 
@@ -163,10 +163,12 @@ def _drive_roi_align():
 
 def _drive_nms():
     g = torch.Generator().manual_seed(1)
-    # Box counts set the bitmask width W (a constexpr): one word, a few, many, the widest
-    # (W=128 at 8192 boxes), and past one chunk (the cross-chunk kernel, over 8192 boxes).
+    # Box counts set the bitmask width W (a constexpr): one word, a few, many, W=128 (8192
+    # boxes, unrolled walk), W=256 and 512 (the walk's loop form), and past one chunk (the
+    # gather and cross-chunk kernels: over 8192 fp64 boxes, over 32768 of the others).
     for n, dtypes in ((5, [torch.float32]), (300, [torch.float32, torch.float16, torch.bfloat16, torch.float64]),
-                      (2100, [torch.float32]), (8192, [torch.float32]), (9000, [torch.float32, torch.float64])):
+                      (2100, [torch.float32]), (8192, [torch.float32]), (9000, [torch.float32, torch.float64]),
+                      (20000, [torch.float32]), (40000, [torch.float32])):
         boxes = random_boxes(n, 200.0, generator=g)
         scores = torch.rand(n, generator=g)
         for dtype in dtypes:
@@ -317,11 +319,12 @@ def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     _drive_mask_paste()
     kernels = {r["kernel"] for r in recorded.values()}
     expected = {"_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_align_bwd_det_kernel",
-                "_nms_mask_kernel", "_nms_cross_kernel", "_nms_reduce_kernel", "_decode_boxes_kernel",
+                "_nms_key_kernel", "_nms_gather_kernel", "_nms_mask_kernel", "_nms_cross_kernel", "_nms_reduce_kernel",
+                "_decode_boxes_kernel",
                 "_rpn_candidates_kernel", "_paste_masks_kernel"}
     assert expected <= kernels, f"not launched: {sorted(expected - kernels)}"
     widths = {r["args"]["W"]["constexpr"] for r in recorded.values() if r["kernel"] == "_nms_reduce_kernel"}
-    assert 128 in widths, f"NMS bitmask widths driven: {sorted(widths)}"
+    assert {128, 256, 512} <= widths, f"NMS bitmask widths driven: {sorted(widths)}"
 
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(list(recorded.values())))

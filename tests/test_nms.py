@@ -12,9 +12,11 @@ import pytest
 import torch
 import torchvision
 from helpers import TRITON_DEVICES, random_boxes, requires_cuda
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmask.ops import batched_nms, nms, nms_keep_mask
-from fastmask.ops.nms import _sorted_keep_triton, nms_keep_mask_ref
+from fastmask.ops.nms import (keep_mask_presorted_triton, keep_mask_triton, kept_indices_triton, nms_keep_mask_ref,
+                              nms_ref)
 
 BACKENDS = [("torch", "cpu")] + [("triton", d) for d in TRITON_DEVICES]
 BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
@@ -226,46 +228,300 @@ def test_keep_mask_batched_equals_per_image(backend, device):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("chunk", [64, 128])
 def test_triton_chunks_write_everything(device, chunk):
-    """Small chunks force the cross-chunk pass and segments that span chunks; outputs and
+    """Small chunks force the cross-chunk pass and runs that span chunks; outputs and
     scratch are poisoned, so a position left unwritten (or an unwritten mask word read)
-    shows. Two images, padding, and one class or three."""
+    shows. Two images, padding, and one class or three; sorted and presorted paths."""
     b, n = 2, 230
     boxes = torch.stack([box_set("clustered", n, 3 + i) for i in range(b)])
     scores = torch.stack([scores_for(n, 3 + i) for i in range(b)])
     g = torch.Generator().manual_seed(3)
     valid = torch.rand(b, n, generator=g) > 0.1
     for idxs in (None, torch.randint(0, 3, (b, n), generator=g)):
-        keep_sorted, src, _ = _sorted_keep_triton(
-            boxes.to(device), scores.to(device), 0.5, None if idxs is None else idxs.to(device), valid.to(device),
-            max_chunk=chunk, poison=True)
-        assert set(keep_sorted.unique().tolist()) <= {0, 1}, "positions left unwritten"
-        keep = torch.zeros(b * n, dtype=torch.bool)
-        keep[src.cpu()] = keep_sorted.cpu().bool()
-        keep = keep.reshape(b, n)
+        keep = keep_mask_triton(boxes.to(device), scores.to(device), 0.5, None if idxs is None else idxs.to(device),
+                                valid.to(device), max_chunk=chunk, poison=True)
+        assert keep.dtype == torch.bool and keep.shape == (b, n)
+        assert keep.view(torch.uint8).max() <= 1, "positions left unwritten"
         for i in range(b):
             v = valid[i].nonzero().squeeze(1)
             cls = torch.zeros(n, dtype=torch.int64) if idxs is None else idxs[i]
             expected = v[tv_batched(boxes[i][v], scores[i][v], cls[v], 0.5)]
-            assert set(keep[i].nonzero().squeeze(1).tolist()) == set(expected.tolist()), \
+            assert set(keep[i].cpu().nonzero().squeeze(1).tolist()) == set(expected.tolist()), \
                 f"chunk={chunk} classes={idxs is not None} image {i}"
+        # The same boxes presorted (by class, then decreasing score, per image).
+        cls = torch.zeros(b, n, dtype=torch.int64) if idxs is None else idxs
+        order = torch.stack([torch.sort(cls[i][torch.sort(scores[i], descending=True, stable=True).indices],
+                                        stable=True).indices for i in range(b)])
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices.gather(1, order)
+        pre = keep_mask_presorted_triton(boxes.gather(1, order[..., None].expand(b, n, 4)).to(device),
+                                         cls.gather(1, order).to(device), valid.gather(1, order).to(device), 0.5,
+                                         max_chunk=chunk, poison=True)
+        assert pre.view(torch.uint8).max() <= 1, "presorted: positions left unwritten"
+        assert torch.equal(pre.cpu(), keep.cpu().gather(1, order)), f"presorted chunk={chunk}"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_tree_or_path(device):
     """The GPU's OR reduction (``tl.reduce``) on a small case; the interpreter defaults to the
-    bit-wise path because its ``tl.reduce`` runs element by element."""
+    bit-wise path because its ``tl.reduce`` runs element by element. Both ways of the reduce
+    kernel's push (unrolled, as on the GPU up to W = 128, or a loop skipping row groups)."""
     n = 90
     boxes, scores = box_set("clustered", n, 4).to(device), scores_for(n, 4).to(device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    i32 = dict(dtype=torch.int32, device=device)
-    zeros = torch.zeros(n, **i32)
-    next_start = torch.cat([zeros, torch.full((1,), n, **i32)])
-    next_start[1:n] = n
-    from fastmask.kernels.nms import nms_sorted_keep
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[torchvision.ops.nms(boxes.cpu(), scores.cpu(), 0.5)] = True
     for by_bits in (False, True):
-        keep = nms_sorted_keep(boxes[order].contiguous(), zeros, zeros, next_start, None, 0.5, poison=True,
-                               or_by_bits=by_bits)
-        assert torch.equal(order[keep.bool()].cpu(), torchvision.ops.nms(boxes.cpu(), scores.cpu(), 0.5))
+        for unroll in (False, True):  # the reduce kernel's two ways of pushing kept rows
+            keep = keep_mask_triton(boxes[None], scores[None], 0.5, None, None, poison=True, or_by_bits=by_bits,
+                                    unroll=unroll)
+            assert torch.equal(keep[0].cpu(), expected), (by_bits, unroll)
+
+
+# --------------------------------------------------------------------------- Triton entry points
+
+
+def _batch(b, n, seed, kind="clustered", ties=False):
+    boxes = torch.stack([box_set(kind, n, seed + i) for i in range(b)])
+    scores = torch.stack([scores_for(n, seed + i, ties=ties) for i in range(b)])
+    return boxes, scores
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_keep_mask_triton_matches_reference(device):
+    """``keep_mask_triton`` against the reference over what the sort key must get right:
+    batches, padding, many classes, classes that only differ above the key's class bits
+    (int32/int64: compared pair by pair), narrow and negative classes, tied, negative and
+    signed-zero scores, strided inputs."""
+    g = torch.Generator().manual_seed(21)
+    b, n = 3, 150
+    boxes, scores = _batch(b, n, 30, ties=True)
+    valid = torch.rand(b, n, generator=g) > 0.15
+    valid[1, :40] = False
+    boxes[~valid] = float("nan")  # padding holds garbage
+    small = torch.randint(0, 4, (b, n), generator=g)
+    cases = {
+        "no classes": None,
+        "int64 classes": small,
+        "80 classes": torch.randint(0, 80, (b, n), generator=g),
+        # Equal low 30 bits, different classes: must not suppress each other.
+        "int64 beyond the key's bits": small * (2**40 + 2**30) - 2**35,
+        "int32 beyond the key's bits": (small * 2**30 - 7).to(torch.int32),
+        "int16 negative": (small - 2).to(torch.int16),
+        "uint8": (small * 60).to(torch.uint8),
+        "broadcast (stride 0)": torch.arange(n).remainder(5).expand(b, n),
+    }
+    for what, idxs in cases.items():
+        expected = nms_keep_mask_ref(boxes, scores, 0.5, idxs, valid)
+        got = keep_mask_triton(boxes.to(device), scores.to(device), 0.5, None if idxs is None else idxs.to(device),
+                               valid.to(device), poison=True)
+        assert got.dtype == torch.bool and got.shape == (b, n) and got.device.type == device
+        assert torch.equal(got.cpu(), expected), what
+    # Scores around zero: -0.0 ties with +0.0 (input order decides), negatives sort last.
+    zs = torch.tensor([0.0, -0.0, -1.0, 0.5, -0.0, 0.0, -3e-39, 2.0])[torch.randint(0, 8, (b, n), generator=g)]
+    same = torch.tensor([1.0, 1.0, 5.0, 5.0]).repeat(b, n, 1) + torch.rand(b, n, 1, generator=g) * 0.5
+    for bx in (boxes, same):
+        expected = nms_keep_mask_ref(bx, zs, 0.6, small, valid)
+        got = keep_mask_triton(bx.to(device), zs.to(device), 0.6, small.to(device), valid.to(device))
+        assert torch.equal(got.cpu(), expected), "signed zeros"
+    # Strided scores and boxes (views of larger tensors), no padding.
+    wide_s = torch.zeros(b, n, 3)
+    wide_s[..., 1] = scores
+    wide_b = torch.zeros(b, n, 4, 2)
+    wide_b[..., 0] = torch.nan_to_num(boxes, nan=1.0)
+    expected = nms_keep_mask_ref(wide_b[..., 0], wide_s[..., 1], 0.5, small)
+    got = keep_mask_triton(wide_b[..., 0].to(device), wide_s[..., 1].to(device), 0.5, small.to(device), None)
+    assert torch.equal(got.cpu(), expected), "strided inputs"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_keep_mask_triton_dtypes(device, dtype):
+    """fp16/bf16/fp64 boxes and scores (fp64 scores are ranked by a first sort), tied
+    scores, against the reference; a small chunk adds the cross-chunk pass."""
+    b, n = 2, 140
+    boxes, scores = _batch(b, n, 40, ties=True)
+    boxes, scores = (boxes * 3).to(dtype), scores.to(dtype)
+    idxs = torch.randint(0, 3, (b, n), generator=torch.Generator().manual_seed(4))
+    valid = torch.rand(b, n, generator=torch.Generator().manual_seed(5)) > 0.1
+    expected = nms_keep_mask_ref(boxes, scores, 0.5, idxs, valid)
+    for chunk in (None, 64):
+        got = keep_mask_triton(boxes.to(device), scores.to(device), 0.5, idxs.to(device), valid.to(device),
+                               max_chunk=chunk, poison=True)
+        assert torch.equal(got.cpu(), expected), f"chunk={chunk}"
+    # fp64 scores that fp32 cannot tell apart: their order still decides.
+    close = torch.full((1, n), 0.5, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)[None] * 1e-12
+    same = torch.tensor([0.0, 0.0, 4.0, 4.0], dtype=dtype).repeat(1, n, 1)
+    expected = nms_keep_mask_ref(same, close, 0.5)
+    assert torch.equal(keep_mask_triton(same.to(device), close.to(device), 0.5, None, None).cpu(), expected)
+    assert expected[0, -1] and expected.sum() == 1
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kept_indices_triton_matches_reference(device):
+    """``kept_indices_triton``: the indices ``nms_ref`` returns, in its order (by decreasing
+    score, ties in input order), with and without classes, fp32 and fp64 scores, small chunks."""
+    n = 260
+    for seed, (kind, ties, idxs, dtype, chunk) in enumerate([
+            ("clustered", False, None, torch.float32, None),
+            ("grid", True, None, torch.float32, 64),
+            ("clustered", True, torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(1)), torch.float32,
+             None),
+            ("spread", True, torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(2)), torch.float32,
+             128),
+            ("clustered", True, torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(3)),
+             torch.float64, 64)]):
+        boxes, scores = box_set(kind, n, 50 + seed).to(dtype), scores_for(n, 50 + seed, ties=ties).to(dtype)
+        expected = nms_ref(boxes, scores, 0.5, idxs)
+        got = kept_indices_triton(boxes.to(device), scores.to(device), 0.5, None if idxs is None else idxs.to(device),
+                                  max_chunk=chunk, poison=True)
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), expected), f"case {seed}"
+    empty = kept_indices_triton(torch.zeros(0, 4, device=device), torch.zeros(0, device=device), 0.5, None)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+
+
+def rpn_like(b, levels, per_level, seed, pad=0.2):
+    """The RPN's candidates: per image and level, the top scores (sorted), sigmoid applied
+    (saturated logits tie at 1.0), padding where the candidate box is too small."""
+    g = torch.Generator().manual_seed(seed)
+    n = levels * per_level
+    boxes = torch.stack([box_set("clustered", n, seed + i) for i in range(b)])
+    logits = torch.randn(b, levels, per_level, generator=g) * 6
+    logits[:, :, :3] = 40.0  # sigmoid == 1.0: tied scores
+    scores = torch.sigmoid(logits.sort(dim=2, descending=True).values).reshape(b, n)
+    groups = torch.arange(levels).repeat_interleave(per_level).expand(b, n)
+    valid = torch.rand(b, n, generator=g) > pad
+    boxes[~valid] = float("nan")
+    return boxes, scores, groups, valid
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_keep_mask_presorted_matches_reference(device):
+    """The RPN's presorted path: several images and levels, padding, an image with no valid
+    box, tied scores; the same mask as ``keep_mask_triton`` and the reference."""
+    boxes, scores, groups, valid = rpn_like(3, 4, 70, 60)
+    valid[2] = False
+    expected = nms_keep_mask_ref(boxes, scores, 0.7, groups, valid)
+    assert torch.equal(keep_mask_triton(boxes.to(device), scores.to(device), 0.7, groups.to(device),
+                                        valid.to(device)).cpu(), expected)
+    for chunk in (None, 128):
+        got = keep_mask_presorted_triton(boxes.to(device), groups.to(device), valid.to(device), 0.7, max_chunk=chunk,
+                                         poison=True)
+        assert got.dtype == torch.bool and got.shape == groups.shape
+        assert torch.equal(got.cpu(), expected), f"chunk={chunk}"
+    # No padding, one level per image, and levels not all present (groups 0, 2, 5).
+    boxes, scores, groups, _ = rpn_like(2, 3, 50, 61)
+    groups = torch.tensor([0, 2, 5]).repeat_interleave(50).expand(2, 150)
+    expected = nms_keep_mask_ref(boxes, scores, 0.6, groups)
+    assert torch.equal(keep_mask_presorted_triton(boxes.to(device), groups.to(device), None, 0.6).cpu(), expected)
+
+
+def test_fp32_decision_value_is_torchvisions_test():
+    """``inter > m * union`` (exact in fp64) decides as ``float32(inter / union) > thr``, for
+    thresholds at and around fractions an fp32 quotient can hit."""
+    from fastmask.kernels.nms import fp32_decision_value
+
+    g = torch.Generator().manual_seed(8)
+    union = torch.randint(1, 2**12, (200_000,), generator=g).float()
+    inter = (torch.rand(200_000, generator=g) * union).floor()
+    quotient = (inter / union).double()
+    for thr in (0.5, 1 / 3, 0.7, 0.3, 0.33333334, 0.3333334, float(torch.tensor(0.7).float()), 0.0, -0.25, 1.0):
+        m = fp32_decision_value(thr)
+        assert torch.equal(inter.double() > m * union.double(), quotient > thr), thr
+    assert fp32_decision_value(1e39) == float("inf") and fp32_decision_value(-1e39) == float("-inf")
+
+
+# --------------------------------------------------------------------------- launch count
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the aten ops run while active, except inside a Triton launch (the
+    interpreter's own tensor copies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that launch no kernel: allocations without a fill, views, metadata; and the read of a
+# scalar to the host (a copy and a sync, checked for separately).
+NO_LAUNCH = ("aten.empty", "aten.empty_like", "aten.empty_strided", "aten.sym_size", "aten.sym_stride",
+             "aten.sym_numel", "aten.sym_storage_offset", "aten.is_contiguous", "aten.lift_fresh",
+             "aten._local_scalar_dense")
+
+
+def _launches(monkeypatch, fn, run_kernels=True):
+    """(kernel-launching aten ops + Triton kernel names, every aten op name, the result) of
+    ``fn()``; ``run_kernels=False`` records the Triton launches without running them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    recorder, kernels = _OpRecorder(), []
+    real = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        kernels.append(self.fn.__name__)
+        recorder.paused = True
+        try:
+            return real(self, *args, **kwargs) if run_kernels else None
+        finally:
+            recorder.paused = False
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    with recorder:
+        out = fn()
+    monkeypatch.undo()
+    names = [str(f.overloadpacket) for f in recorder.ops]
+    aten = [str(f) for f in recorder.ops if not f.is_view and str(f.overloadpacket) not in NO_LAUNCH]
+    return aten + kernels, names, out
+
+
+@pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="counts launches through Triton's interpreter")
+def test_keep_mask_launch_count(monkeypatch):
+    """At 1k boxes, 1 and 80 classes: at most 6 device launches for the keep mask (aten ops
+    that launch a kernel plus Triton launches), no host sync, no data-dependent shape."""
+    n = 1000
+    boxes, scores = box_set("clustered", n, 70, max_coord=800.0), scores_for(n, 70)
+    counts = {}
+    for classes in (1, 80):
+        idxs = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(classes))
+        launches, names, keep = _launches(monkeypatch,
+                                          lambda: keep_mask_triton(boxes[None], scores[None], 0.5, idxs[None], None))
+        counts[classes] = launches
+        assert len(launches) <= 6, launches
+        syncs = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten.index"}
+        assert not syncs & set(names), names
+        assert torch.equal(keep[0], nms_keep_mask_ref(boxes, scores, 0.5, idxs))
+    # key kernel, sort, mask kernel, reduce kernel.
+    assert counts[1] == counts[80] == ["aten.sort.stable", "_nms_key_kernel", "_nms_mask_kernel",
+                                      "_nms_reduce_kernel"], counts
+    # The presorted path: the two NMS kernels only.
+    boxes, scores, groups, valid = rpn_like(2, 5, 100, 71)
+    launches, names, _ = _launches(monkeypatch, lambda: keep_mask_presorted_triton(boxes, groups, valid, 0.7))
+    assert launches == ["_nms_mask_kernel", "_nms_reduce_kernel"], launches
+
+
+@pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="counts launches through Triton's interpreter")
+def test_launch_count_at_full_sizes(monkeypatch):
+    """The host glue at 20k and 40k boxes, with the kernels recorded but not run: 20k boxes
+    are one chunk (4 launches, 5 for kept indices: one more sort, plus the count read at the
+    end); 40k boxes take chunks of 8192, 3 launches each after the first, and one gather of
+    the sorted boxes for the cross-chunk pass."""
+    g = torch.Generator().manual_seed(9)
+    for n, chunks in ((20_000, 1), (40_000, 5)):
+        boxes, scores = random_boxes(n, 800.0, generator=g), torch.rand(n, generator=g)
+        idxs = torch.randint(0, 80, (n,), generator=g)
+        launches, names, _ = _launches(
+            monkeypatch, lambda: keep_mask_triton(boxes[None], scores[None], 0.7, idxs[None], None), run_kernels=False)
+        several = 3 * (chunks - 1) + (chunks > 1)
+        assert len(launches) == 2 + 2 + several, launches
+        assert launches.count("_nms_cross_kernel") == chunks - 1
+        assert not {"aten._local_scalar_dense", "aten.nonzero"} & set(names)
+        launches, names, _ = _launches(monkeypatch, lambda: kept_indices_triton(boxes, scores, 0.7, idxs),
+                                       run_kernels=False)
+        assert len(launches) == 2 + 2 + several + 1, launches
+        assert names.count("aten._local_scalar_dense") == 1 and "aten.nonzero" not in names
 
 
 # --------------------------------------------------------------------------- errors

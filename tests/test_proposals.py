@@ -94,12 +94,12 @@ def assert_same_proposals(actual, expected, exact, tol=box_tol(torch.float32, 16
 def torch_nms(monkeypatch):
     """Run the proposals' NMS with the torch reference: the NMS kernels have their own tests
     (tests/test_nms.py) and are too slow for these sizes in Triton's interpreter."""
-    real = proposals_module.nms_keep_mask
+    real = proposals_module.candidates_keep
 
-    def nms_keep_mask(*args, backend=None, **kw):
-        return real(*args, backend="torch", **kw)
+    def candidates_keep(*args):
+        return real(*args[:-1], "torch")
 
-    monkeypatch.setattr(proposals_module, "nms_keep_mask", nms_keep_mask)
+    monkeypatch.setattr(proposals_module, "candidates_keep", candidates_keep)
 
 
 # --------------------------------------------------------------------------- torch reference

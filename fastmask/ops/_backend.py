@@ -24,8 +24,13 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "FASTMASK_BACKEND"
 
 
+# Looked up once (without importing triton): the backend rule then reads a constant, which
+# torch.compile can trace.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
@@ -33,13 +38,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def interpreter_blocker() -> str | None:
-    """Why Triton's interpreter cannot run the kernels with the installed packages, or None."""
-    import numpy
-    from importlib.metadata import version
+_NOT_YET = object()
+_blocker = _NOT_YET
 
-    return interpreter_blocker_for(version("triton"), numpy.__version__)
+
+def interpreter_blocker() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+
+    Computed once and kept in a module variable, which ``torch.compile`` reads as a constant
+    once it is set (the first eager call sets it; the test session's set-up does)."""
+    global _blocker
+    if _blocker is _NOT_YET:
+        import numpy
+        from importlib.metadata import version
+
+        _blocker = interpreter_blocker_for(version("triton"), numpy.__version__)
+    return _blocker
 
 
 def interpreter_blocker_for(triton_version: str, numpy_version: str) -> str | None:

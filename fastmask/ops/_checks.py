@@ -1,12 +1,16 @@
 """Argument checks shared by the public ops.
 
 Every message names the argument and says what was expected. Shape, dtype and device
-checks read only metadata. The finiteness check reads values, so it runs on CPU tensors
-only: on CUDA it would cost a host sync per call on the hot path.
+checks read only metadata. Checks that read values (finite boxes, batch indices in range)
+run only where :func:`data_checks_enabled` says so: by default on CPU tensors, where reading
+a value costs no device sync; on CUDA only with ``FASTMASK_CHECKS=1`` (a debugging mode: each
+such check then syncs). ``FASTMASK_CHECKS=0`` turns them off everywhere. They never run while
+``torch.compile`` or ``torch.export`` traces (the values are not known then).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -36,9 +40,22 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
 
 
+CHECKS_ENV_VAR = "FASTMASK_CHECKS"
+
+
+def data_checks_enabled(value: torch.Tensor) -> bool:
+    """Whether checks that read ``value``'s data run (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    mode = os.environ.get(CHECKS_ENV_VAR, "")
+    if mode == "0":
+        return False
+    return mode == "1" or value.device.type == "cpu"
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise if ``value`` holds NaN or infinity (CPU tensors only; see the module docstring)."""
-    if value.device.type == "cpu" and value.numel() and not bool(torch.isfinite(value).all()):
+    """Raise if ``value`` holds NaN or infinity (where :func:`data_checks_enabled`)."""
+    if value.numel() and data_checks_enabled(value) and not bool(torch.isfinite(value).all()):
         bad = (~torch.isfinite(value)).nonzero()[:5].tolist()
         raise ValueError(f"{name} holds non-finite values (NaN or inf), first at index {bad}")
 

@@ -234,12 +234,28 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0),
     if not isinstance(bbox_xform_clip, (int, float)) or isinstance(bbox_xform_clip, bool):
         raise TypeError(f"bbox_xform_clip must be a float, got {type(bbox_xform_clip).__name__}")
     clip_to = _check_clip_to(clip_to, rel_codes.shape[0], rel_codes.device)
-    if resolve_backend(backend, rel_codes, "decode_boxes", dtypes=FLOAT_DTYPES) == "triton":
+    name = resolve_backend(backend, rel_codes, "decode_boxes", dtypes=FLOAT_DTYPES)
+    clip_t = clip_to if isinstance(clip_to, Tensor) else None
+    clip_hw = [float(v) for v in clip_to] if clip_to is not None and clip_t is None else None
+    return torch.ops.fastmask.decode_boxes(rel_codes.detach(), boxes.detach(), list(weights), float(bbox_xform_clip),
+                                           clip_t, clip_hw, name)
+
+
+@torch.library.custom_op("fastmask::decode_boxes", mutates_args=())
+def _decode_boxes_op(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float], bbox_xform_clip: float,
+                     clip_to: Tensor | None, clip_size: Sequence[float] | None, backend: str) -> Tensor:
+    """Registered op behind :func:`decode_boxes`: ``clip_to`` a per-row Tensor or ``clip_size``
+    one (h, w) (at most one given); the backend already resolved. Not autocast-aware."""
+    clip = clip_to if clip_to is not None else (tuple(clip_size) if clip_size is not None else None)
+    if backend == "triton":
         from fastmask.kernels.box_decode import decode_boxes as decode_boxes_kernel
-        return decode_boxes_kernel(rel_codes.detach(), boxes.detach(), weights, float(bbox_xform_clip),
-                                   clip_to=clip_to)
-    with torch.no_grad():
-        return decode_boxes_ref(rel_codes, boxes, weights, float(bbox_xform_clip), clip_to)
+        return decode_boxes_kernel(rel_codes, boxes, tuple(weights), bbox_xform_clip, clip_to=clip)
+    return decode_boxes_ref(rel_codes, boxes, tuple(weights), bbox_xform_clip, clip).contiguous()
+
+
+@_decode_boxes_op.register_fake
+def _(rel_codes, boxes, weights, bbox_xform_clip, clip_to, clip_size, backend):
+    return torch.empty_like(rel_codes, memory_format=torch.contiguous_format)
 
 
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights=(1.0, 1.0, 1.0, 1.0), *,

@@ -29,7 +29,7 @@ outside the box: its floor is the write of ``N * H * W`` output elements.
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -243,11 +243,28 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
     """
     m = _check_args(masks, boxes, padding, threshold)
     h, w = _image_size(image_size)
-    if resolve_backend(backend, masks, "paste_masks", dtypes=KERNEL_DTYPES) == "triton":
+    name = resolve_backend(backend, masks, "paste_masks", dtypes=KERNEL_DTYPES)
+    return torch.ops.fastmask.paste_masks(m, boxes, [h, w], padding, None if threshold is None else float(threshold),
+                                          name)[:, None]
+
+
+@torch.library.custom_op("fastmask::paste_masks", mutates_args=())
+def _paste_masks_op(masks: Tensor, boxes: Tensor, image_size: Sequence[int], padding: int, threshold: float | None,
+                    backend: str) -> Tensor:
+    """Registered op behind :func:`paste_masks`: ``masks`` Tensor[N, MH, MW] -> Tensor[N, H, W];
+    the backend already resolved. Not differentiable, not autocast-aware (masks' dtype)."""
+    h, w = image_size
+    if backend == "triton":
         from fastmask.kernels.mask_paste import paste_masks_fwd
 
-        return paste_masks_fwd(m, boxes, (h, w), padding=padding, threshold=threshold)[:, None]
-    return paste_masks_ref(m, boxes, (h, w), padding, threshold)
+        return paste_masks_fwd(masks, boxes, (h, w), padding=padding, threshold=threshold)
+    return paste_masks_ref(masks, boxes, (h, w), padding, threshold)[:, 0]
+
+
+@_paste_masks_op.register_fake
+def _(masks, boxes, image_size, padding, threshold, backend):
+    dtype = torch.bool if threshold is not None else masks.dtype
+    return masks.new_empty((masks.shape[0], image_size[0], image_size[1]), dtype=dtype)
 
 
 def paste_masks_in_boxes(masks: Tensor, boxes: Tensor, padding: int = 1, threshold: float | None = None,

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, data_checks_enabled
 
 # Sorted boxes the reference resolves together. Larger tiles mean fewer Python steps but
 # a longer fixed-point iteration and a bigger [kept, tile] matrix; of 64-512, 128 was the
@@ -94,7 +94,8 @@ def _check_inputs(boxes, scores, iou_threshold, idxs=None, valid=None, *, batche
             raise ValueError(f"valid must have shape {list(lead)} to match boxes {tuple(boxes.shape)}, "
                              f"got {tuple(valid.shape)}")
     check_same_device(boxes=boxes, scores=scores, idxs=idxs, valid=valid)
-    check_finite("boxes", boxes if valid is None or boxes.device.type != "cpu" else boxes[valid])
+    if data_checks_enabled(boxes):
+        check_finite("boxes", boxes if valid is None else boxes[valid])
     return _check_threshold(iou_threshold)
 
 
@@ -208,6 +209,66 @@ def nms_ref(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | 
     return by_score[keep[by_score]]
 
 
+# --------------------------------------------------------------------------- registered ops
+#
+# ``fastmask::nms``, ``fastmask::batched_nms`` and ``fastmask::nms_keep_mask`` are PyTorch custom
+# ops taking the backend already resolved ("triton" or "torch"). The keep mask has a static
+# shape; the kept indices have a data-dependent length (their fake declares an unbacked size).
+# No gradients (NMS selects boxes); not autocast-aware (IoU is computed in fp32, fp64 for fp64).
+
+
+def _kept_indices(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None, backend: str) -> Tensor:
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if backend == "triton":
+        return kept_indices_triton(boxes, scores, iou_threshold, idxs)  # one host sync, at the end
+    return nms_ref(boxes, scores, iou_threshold, idxs)
+
+
+def _kept_indices_fake(boxes: Tensor) -> Tensor:
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastmask::nms", mutates_args=())
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, backend: str) -> Tensor:
+    return _kept_indices(boxes, scores, iou_threshold, None, backend)
+
+
+@_nms_op.register_fake
+def _(boxes, scores, iou_threshold, backend):
+    return _kept_indices_fake(boxes)
+
+
+@torch.library.custom_op("fastmask::batched_nms", mutates_args=())
+def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, backend: str) -> Tensor:
+    return _kept_indices(boxes, scores, iou_threshold, idxs, backend)
+
+
+@_batched_nms_op.register_fake
+def _(boxes, scores, idxs, iou_threshold, backend):
+    return _kept_indices_fake(boxes)
+
+
+@torch.library.custom_op("fastmask::nms_keep_mask", mutates_args=())
+def _nms_keep_mask_op(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None, valid: Tensor | None,
+                      backend: str) -> Tensor:
+    if boxes.shape[-2] == 0:
+        return torch.zeros(boxes.shape[:-1], dtype=torch.bool, device=boxes.device)
+    if backend == "triton":
+        lead = boxes.shape[:-1]
+        b3 = boxes.reshape(-1, lead[-1], 4)
+        keep = keep_mask_triton(b3, scores.reshape(b3.shape[:2]), iou_threshold,
+                                None if idxs is None else idxs.reshape(b3.shape[:2]),
+                                None if valid is None else valid.reshape(b3.shape[:2]))
+        return keep.reshape(lead)
+    return nms_keep_mask_ref(boxes, scores, iou_threshold, idxs, valid)
+
+
+@_nms_keep_mask_op.register_fake
+def _(boxes, scores, iou_threshold, idxs, valid, backend):
+    return boxes.new_empty(boxes.shape[:-1], dtype=torch.bool)
+
+
 # --------------------------------------------------------------------------- public ops
 
 
@@ -221,12 +282,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, backend: str | N
     runs entirely on the GPU except for the final count of kept boxes.
     """
     thr = _check_inputs(boxes, scores, iou_threshold)
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if _use_triton(backend, boxes, "nms"):
-        keep, order = _keep_mask_triton(boxes[None], scores[None], thr, None, None)
-        return order[0][keep[0][order[0]]]  # the one host sync: the number of kept boxes
-    return nms_ref(boxes, scores, thr)
+    return torch.ops.fastmask.nms(boxes, scores, thr, _backend(backend, boxes, "nms"))
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
@@ -240,12 +296,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     which can differ for IoUs within about 1e-3 of the threshold (see the module docstring).
     """
     thr = _check_inputs(boxes, scores, iou_threshold, idxs, idxs_required=True)
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if _use_triton(backend, boxes, "batched_nms"):
-        keep, order = _keep_mask_triton(boxes[None], scores[None], thr, idxs[None], None)
-        return order[0][keep[0][order[0]]]  # the one host sync: the number of kept boxes
-    return nms_ref(boxes, scores, thr, idxs)
+    return torch.ops.fastmask.batched_nms(boxes, scores, idxs, thr, _backend(backend, boxes, "batched_nms"))
 
 
 def nms_keep_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None = None,
@@ -260,68 +311,64 @@ def nms_keep_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Ten
     exactly when ``k`` is in ``batched_nms(b, s, i, t)``. The caller sorts or takes top-k.
     """
     thr = _check_inputs(boxes, scores, iou_threshold, idxs, valid, batched_ok=True)
-    if boxes.shape[-2] == 0:
-        return torch.zeros(boxes.shape[:-1], dtype=torch.bool, device=boxes.device)
-    if _use_triton(backend, boxes, "nms_keep_mask"):
-        lead = boxes.shape[:-1]
-        b3 = boxes.reshape(-1, lead[-1], 4)
-        keep, _ = _keep_mask_triton(b3, scores.reshape(b3.shape[:2]), thr,
-                                    None if idxs is None else idxs.reshape(b3.shape[:2]),
-                                    None if valid is None else valid.reshape(b3.shape[:2]))
-        return keep.reshape(lead)
-    return nms_keep_mask_ref(boxes, scores, thr, idxs, valid)
+    return torch.ops.fastmask.nms_keep_mask(boxes, scores, thr, idxs, valid, _backend(backend, boxes, "nms_keep_mask"))
+
+
+def _backend(backend: str | None, boxes: Tensor, op: str) -> str:
+    return resolve_backend(backend, boxes, op, FLOAT_DTYPES)
 
 
 # --------------------------------------------------------------------------- Triton path
 
 
-def _use_triton(backend: str | None, boxes: Tensor, op: str) -> bool:
-    return resolve_backend(backend, boxes, op, FLOAT_DTYPES) == "triton"
+def keep_mask_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None,
+                     valid: Tensor | None, *, max_chunk: int | None = None, poison: bool = False,
+                     or_by_bits: bool | None = None, unroll: bool | None = None) -> Tensor:
+    """Bool Tensor[B, N] keep mask in input order of a padded batch, with no host sync.
 
-
-def _sorted_keep_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None,
-                        valid: Tensor | None, *, max_chunk: int | None = None, poison: bool = False):
-    """Run the kernels on a padded batch, with no host synchronisation.
-
-    ``boxes``: Tensor[B, N, 4]; ``scores``, ``idxs``, ``valid``: Tensor[B, N]. Returns
-    ``(keep_sorted, src, score_order)``: int8 Tensor[B * N] keep flags in the kernels' order,
-    int64 Tensor[B * N] the flat input index at each position of that order, and int64
-    Tensor[B, N] each image's indices by decreasing score. ``max_chunk`` and ``poison`` are
-    passed to the launcher (tests).
+    ``boxes``: Tensor[B, N, 4]; ``scores``, ``idxs`` (optional classes), ``valid`` (optional,
+    False = padding): Tensor[B, N], any strides. Boxes suppress only boxes of their own image
+    and class. Device launches at up to 32768 boxes (8192 fp64 boxes): the sort-key kernel,
+    one ``torch.sort``, the mask and reduce kernels (4; 5 with fp64 scores, which are sorted
+    once more); no data-dependent shapes. ``max_chunk``, ``poison``, ``or_by_bits``,
+    ``unroll``: test hooks of ``fastmask.kernels.nms.keep_mask``.
     """
     from fastmask.kernels import nms as nms_kernels
 
-    b, n = scores.shape
-    dev = boxes.device
-    # Decreasing score within each image (stable: ties in input order), then stably by class:
-    # each (image, class) becomes a contiguous segment, still by decreasing score inside.
-    score_order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    order = score_order
-    flat_pos = torch.arange(b * n, device=dev)
-    starts = flat_pos % n == 0
-    if idxs is not None:
-        cls, by_cls = torch.sort(idxs.gather(1, order), dim=1, stable=True)
-        order = order.gather(1, by_cls)
-        cls = cls.reshape(-1)
-        starts[1:] |= cls[1:] != cls[:-1]
-    src = (order + torch.arange(b, device=dev)[:, None] * n).reshape(-1)
-    sorted_boxes = boxes.reshape(-1, 4).index_select(0, src)
-    # Segment tables for the kernels (scans on the device): id, first position, and the
-    # first segment start at or after each position (with a sentinel at the end).
-    seg = (torch.cumsum(starts, 0) - 1).to(torch.int32)
-    seg_begin = torch.cummax(torch.where(starts, flat_pos, 0), 0).values.to(torch.int32)
-    marks = torch.where(starts, flat_pos, b * n).flip(0)
-    next_start = torch.cat([torch.cummin(marks, 0).values.flip(0), flat_pos.new_full((1,), b * n)]).to(torch.int32)
-    sorted_valid = valid.reshape(-1).index_select(0, src).to(torch.int8) if valid is not None else None
-    kwargs = {} if max_chunk is None else {"max_chunk": max_chunk}
-    keep_sorted = nms_kernels.nms_sorted_keep(sorted_boxes, seg, seg_begin, next_start, sorted_valid,
-                                              iou_threshold, poison=poison, **kwargs)
-    return keep_sorted, src, score_order
+    return nms_kernels.keep_mask(boxes, scores, iou_threshold, idxs, valid, max_chunk=max_chunk, poison=poison,
+                                 or_by_bits=or_by_bits, unroll=unroll)
 
 
-def _keep_mask_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None,
-                      valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Bool Tensor[B, N] keep mask in input order, and each image's indices by decreasing score."""
-    keep_sorted, src, score_order = _sorted_keep_triton(boxes, scores, iou_threshold, idxs, valid)
-    keep = torch.empty(src.shape[0], dtype=torch.bool, device=boxes.device).scatter_(0, src, keep_sorted.bool())
-    return keep.reshape(scores.shape), score_order
+def kept_indices_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None, *,
+                        max_chunk: int | None = None, poison: bool = False) -> Tensor:
+    """int64 Tensor[K]: the indices ``nms`` / ``batched_nms`` keep, by decreasing score (equal
+    scores: input order).
+
+    ``boxes``: Tensor[N, 4]; ``scores``: Tensor[N]; ``idxs``: optional classes Tensor[N]. The
+    keep-mask launches, plus one stable ``torch.sort`` of the reduce kernel's per-box rank
+    (kept boxes' score bits, the others last) and one read of the kept count, which the
+    reduce kernel accumulates: the one host sync, at the very end.
+    """
+    from fastmask.kernels import nms as nms_kernels
+
+    _, rank, count = nms_kernels.keep_mask(boxes[None], scores[None], iou_threshold,
+                                           None if idxs is None else idxs[None], None, ranks=True,
+                                           max_chunk=max_chunk, poison=poison)
+    by_score = torch.sort(rank, stable=True).indices
+    return by_score[:int(count.item())]  # host sync: the number of kept boxes
+
+
+def keep_mask_presorted_triton(boxes: Tensor, groups: Tensor, valid: Tensor | None, iou_threshold: float, *,
+                               max_chunk: int | None = None, poison: bool = False,
+                               or_by_bits: bool | None = None, unroll: bool | None = None) -> Tensor:
+    """``keep_mask_triton(boxes, scores, iou_threshold, groups, valid)`` for the RPN's candidates,
+    with no sort: each image's row is already sorted by group (``groups``: int64 Tensor[B, N],
+    non-decreasing along each row, e.g. the FPN level) and by non-increasing score inside each
+    group (top-k per level, then a monotone sigmoid). Then the result is the same for any such
+    scores, which are not needed. The precondition is not checked (that would cost launches).
+    Launches: the mask and reduce kernels only, at up to 32768 boxes in all.
+    """
+    from fastmask.kernels import nms as nms_kernels
+
+    return nms_kernels.keep_mask_presorted(boxes, groups, valid, iou_threshold, max_chunk=max_chunk, poison=poison,
+                                           or_by_bits=or_by_bits, unroll=unroll)

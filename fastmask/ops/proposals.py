@@ -36,6 +36,7 @@ unstable sort may order them differently.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import numbers
 from typing import Sequence
@@ -48,7 +49,7 @@ from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from ._device import to_device_async
 from .anchors import AnchorGeometry
 from .boxes import BBOX_XFORM_CLIP, _image_size, decode_boxes_ref, per_row_image_sizes
-from .nms import nms_keep_mask
+from .nms import keep_mask_presorted_triton, nms_keep_mask_ref
 
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
@@ -74,19 +75,31 @@ def level_topk(objectness: Tensor, num_anchors_per_level: Sequence[int], pre_nms
 
 
 def select_proposals(boxes: Tensor, scores: Tensor, levels: Tensor, valid: Tensor, nms_thresh: float,
-                     post_nms_top_n: int, backend: str | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                     post_nms_top_n: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 4-5: per image and level NMS of the valid candidates, then the best
-    ``post_nms_top_n`` by decreasing score. Inputs are [B, N] (boxes [B, N, 4])."""
+    ``post_nms_top_n`` by decreasing score. Inputs are [B, N] (boxes [B, N, 4]); ``backend``
+    resolved. Returns padded (boxes Tensor[B, M, 4], scores Tensor[B, M], counts int64
+    Tensor[B]) with M = min(post_nms_top_n, N): image i's proposals are its first counts[i]
+    rows (the rows after them are suppressed candidates, not proposals). No host sync."""
     b, n = scores.shape
-    keep = nms_keep_mask(boxes, scores, nms_thresh, idxs=levels, valid=valid, backend=backend)
+    keep = candidates_keep(boxes, scores, levels, valid, nms_thresh, backend)
     # Survivors first, by decreasing score; a stable sort keeps tied scores in candidate order.
     order = torch.where(keep, scores, -1.0).sort(dim=1, descending=True, stable=True).indices
     m = min(post_nms_top_n, n)
     order = order[:, :m]
     chosen_boxes = boxes.gather(1, order[:, :, None].expand(b, m, 4))
     chosen_scores = scores.gather(1, order)
-    counts = keep.sum(dim=1).clamp(max=m).tolist()  # host sync: the outputs have variable lengths
-    return [chosen_boxes[i, :c] for i, c in enumerate(counts)], [chosen_scores[i, :c] for i, c in enumerate(counts)]
+    return chosen_boxes, chosen_scores, keep.sum(dim=1).clamp(max=m)
+
+
+def candidates_keep(boxes: Tensor, scores: Tensor, levels: Tensor, valid: Tensor, nms_thresh: float,
+                    backend: str) -> Tensor:
+    """Step 4's keep mask [B, N]: NMS per image and level of the valid candidates."""
+    if backend == "triton":
+        # The candidates are already sorted by level and, within a level, by decreasing score
+        # (top-k per level, then the monotone sigmoid): the kernels walk them without a sort.
+        return keep_mask_presorted_triton(boxes, levels, valid, nms_thresh)
+    return nms_keep_mask_ref(boxes, scores, nms_thresh, levels, valid)
 
 
 # --------------------------------------------------------------------------- reference
@@ -163,14 +176,20 @@ def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | 
     level_table = table[:n_level].view(num_levels, 6)
     cell_table = table[n_level:n_level + n_cells].view(num_levels, max_cells, 4)
     size_table = table[n_level + n_cells:].view(b, 2)
-    # torch compares a tensor with a Python scalar after rounding the scalar to the tensor's dtype.
-    min_size_q = torch.tensor(min_size, dtype=deltas.dtype).item()
-    score_thresh_q = torch.tensor(score_thresh, dtype=scores.dtype).item()
+    min_size_q = _rounded(min_size, deltas.dtype)
+    score_thresh_q = _rounded(score_thresh, scores.dtype)
     boxes, valid, levels = rpn_candidates(
         idx, scores, deltas, None if isinstance(anchors, AnchorGeometry) else anchors, cell_table, level_table,
         size_table, bbox_xform_clip=bbox_xform_clip, min_size=min_size_q, score_thresh=score_thresh_q,
         poison=poison)
     return boxes, scores, levels, valid
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, as torch rounds a Python scalar compared with a tensor
+    (computed once per value on the host, not on every call)."""
+    return torch.tensor(value, dtype=dtype).item()
 
 
 # --------------------------------------------------------------------------- public op
@@ -195,6 +214,27 @@ def rpn_proposals(objectness: Tensor, pred_bbox_deltas: Tensor, anchors: AnchorG
     """RPN proposals per image: torchvision's ``RegionProposalNetwork.filter_proposals``
     applied to ``box_coder.decode(pred_bbox_deltas, anchors)`` (see the module docs).
 
+    Arguments as :func:`rpn_proposals_padded`. Returns (boxes, scores): per image
+    Tensor[K_i, 4] ``(x1, y1, x2, y2)`` in the deltas' dtype and Tensor[K_i] probabilities, by
+    decreasing score, K_i <= post_nms_top_n. Nothing is differentiable (torchvision detaches
+    the proposals too). Only the final split into per-image lists synchronises with the device.
+    """
+    boxes, scores, counts = rpn_proposals_padded(
+        objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n=pre_nms_top_n,
+        post_nms_top_n=post_nms_top_n, nms_thresh=nms_thresh, score_thresh=score_thresh, min_size=min_size,
+        backend=backend)
+    counts = counts.tolist()  # the one host sync: the per-image lists have variable lengths
+    return [boxes[i, :c] for i, c in enumerate(counts)], [scores[i, :c] for i, c in enumerate(counts)]
+
+
+def rpn_proposals_padded(objectness: Tensor, pred_bbox_deltas: Tensor,
+                         anchors: AnchorGeometry | Sequence[Tensor], image_sizes: Sequence[Sequence[int]],
+                         num_anchors_per_level: Sequence[int] | None = None, *, pre_nms_top_n: int,
+                         post_nms_top_n: int, nms_thresh: float, score_thresh: float = 0.0, min_size: float = 1e-3,
+                         backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rpn_proposals` with fixed-shape outputs and no host sync (static shapes for
+    ``torch.compile``, ``torch.export`` and CUDA graphs).
+
     Args:
         objectness: logits, Tensor[B, A] or torchvision's flat Tensor[B * A, 1]; anchors
             ordered as the anchor generator lists them (level, location, cell anchor).
@@ -212,10 +252,10 @@ def rpn_proposals(objectness: Tensor, pred_bbox_deltas: Tensor, anchors: AnchorG
         min_size: minimum box width and height after clipping (``>=``).
         backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``); also used for NMS.
 
-    Returns (boxes, scores): per image Tensor[K_i, 4] ``(x1, y1, x2, y2)`` in the deltas'
-    dtype and Tensor[K_i] probabilities, by decreasing score, K_i <= post_nms_top_n. Nothing
-    is differentiable (torchvision detaches the proposals too). Only the final split into
-    per-image lists synchronises with the device.
+    Returns fixed-shape (boxes Tensor[B, M, 4] ``(x1, y1, x2, y2)`` in the deltas' dtype,
+    scores Tensor[B, M] probabilities, counts int64 Tensor[B]), M = min(post_nms_top_n, N):
+    image i's proposals are its first ``counts[i]`` rows, by decreasing score. No host sync;
+    nothing is differentiable (torchvision detaches the proposals too).
     """
     if not isinstance(image_sizes, (list, tuple)):
         raise ValueError("image_sizes must be a list of (h, w), one per image")
@@ -261,24 +301,57 @@ def rpn_proposals(objectness: Tensor, pred_bbox_deltas: Tensor, anchors: AnchorG
     nms_thresh = _check_float("nms_thresh", nms_thresh, 0.0, 1.0)
     score_thresh = _check_float("score_thresh", score_thresh, 0.0, 1.0)
     min_size = _check_float("min_size", min_size, 0.0, float("inf"))
-    dtypes = FLOAT_DTYPES
     if b == 0:
-        return [], []
+        return (pred_bbox_deltas.new_empty((0, 0, 4)), objectness.new_empty((0, 0)),
+                torch.zeros(0, dtype=torch.int64, device=objectness.device))
 
     objectness = objectness.detach().reshape(b, a_total)
     deltas = pred_bbox_deltas.detach().reshape(b, a_total, 4)
-    if resolve_backend(backend, deltas, "rpn_proposals", dtypes=dtypes) == "triton":
-        if geometry is None:
-            anchors = torch.stack([a.detach() for a in anchors])
-        boxes, scores, levels, valid = rpn_candidates_triton(objectness, deltas, anchors, image_sizes,
-                                                             num_anchors_per_level, pre_nms_top_n, score_thresh,
-                                                             min_size)
+    name = resolve_backend(backend, deltas, "rpn_proposals", dtypes=FLOAT_DTYPES)
+    if geometry is not None:
+        geo_args = (list(geometry.cell_anchors), [float(v) for level in geometry.cell_values for row in level for v in row],
+                    [int(v) for hw in geometry.grid_sizes for v in hw], [int(v) for st in geometry.strides for v in st])
+        anchor_table = None
     else:
-        if geometry is not None:
-            anchors = geometry.anchors()
-        else:
-            anchors = torch.stack([a.detach() for a in anchors])
-        boxes, scores, levels, valid = rpn_candidates_ref(objectness, deltas, anchors, image_sizes,
-                                                          num_anchors_per_level, pre_nms_top_n, score_thresh,
-                                                          min_size)
-    return select_proposals(boxes, scores, levels, valid, nms_thresh, post_nms_top_n, backend)
+        geo_args = ([], [], [], [])
+        anchor_table = torch.stack([a.detach() for a in anchors])
+    return torch.ops.fastmask.rpn_proposals(
+        objectness, deltas, anchor_table, *geo_args, [int(v) for hw in image_sizes for v in hw],
+        num_anchors_per_level, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, name)
+
+
+@torch.library.custom_op("fastmask::rpn_proposals", mutates_args=())
+def _rpn_proposals_op(objectness: Tensor, deltas: Tensor, anchors: Tensor | None, cell_anchors: Sequence[Tensor],
+                      cell_values: Sequence[float], grid_sizes: Sequence[int], strides: Sequence[int],
+                      image_sizes: Sequence[int], num_anchors_per_level: Sequence[int], pre_nms_top_n: int,
+                      post_nms_top_n: int, nms_thresh: float, score_thresh: float, min_size: float,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Registered op behind :func:`rpn_proposals`, with fixed-shape outputs (see
+    :func:`select_proposals`): ``objectness`` Tensor[B, A], ``deltas`` Tensor[B, A, 4], and either
+    ``anchors`` Tensor[B, A, 4] or the anchor geometry flattened (per level: the cell anchors,
+    their values ``(x1, y1, x2, y2)`` row by row, ``(H, W)`` and ``(stride_y, stride_x)``).
+    ``image_sizes``: ``(h, w)`` per image, flattened. The backend already resolved."""
+    b = objectness.shape[0]
+    sizes = [(image_sizes[i], image_sizes[i + 1]) for i in range(0, len(image_sizes), 2)]
+    levels = list(num_anchors_per_level)
+    if anchors is None:
+        values, per_level = iter(cell_values), []
+        for cell in cell_anchors:
+            per_level.append(tuple(tuple(next(values) for _ in range(4)) for _ in range(cell.shape[0])))
+        anchors = AnchorGeometry(tuple(cell_anchors), tuple(per_level),
+                                 tuple(zip(grid_sizes[::2], grid_sizes[1::2])), tuple(zip(strides[::2], strides[1::2])), b)
+    if backend == "triton":
+        cand = rpn_candidates_triton(objectness, deltas, anchors, sizes, levels, pre_nms_top_n, score_thresh, min_size)
+    else:
+        table = anchors.anchors() if isinstance(anchors, AnchorGeometry) else anchors
+        cand = rpn_candidates_ref(objectness, deltas, table, sizes, levels, pre_nms_top_n, score_thresh, min_size)
+    return select_proposals(*cand, nms_thresh, post_nms_top_n, backend)
+
+
+@_rpn_proposals_op.register_fake
+def _(objectness, deltas, anchors, cell_anchors, cell_values, grid_sizes, strides, image_sizes, num_anchors_per_level,
+      pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, backend):
+    b = objectness.shape[0]
+    m = min(post_nms_top_n, sum(min(pre_nms_top_n, a) for a in num_anchors_per_level))
+    return (deltas.new_empty((b, m, 4)), objectness.new_empty((b, m)),
+            objectness.new_empty((b,), dtype=torch.int64))

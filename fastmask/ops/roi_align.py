@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import check_backend_name, resolve_backend
-from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, pair
+from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, data_checks_enabled, pair
 
 # Values the reference gathers at once (chunks of RoIs are processed in turn): 2**25 fp32
 # values are 128 MiB, which keeps the CPU reference within a few hundred MiB at any size.
@@ -113,20 +113,17 @@ def _bin_samples(start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, g_max
     return idx, w
 
 
-def _roi_align_flat(table: Tensor, heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor,
-                    rois: Tensor, levels: Tensor, output_size: tuple[int, int], sampling_ratio: int,
-                    aligned: bool) -> Tensor:
-    """RoI Align over levels flattened into ``table``: Tensor[N, S, C] (S = sum of H*W).
+def _sample_taps(heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
+                 output_size: tuple[int, int], sampling_ratio: int, aligned: bool, cdt: torch.dtype):
+    """Every bilinear tap of every RoI, over levels flattened into one [N, S, C] table.
 
     ``heights``, ``widths``, ``offsets``, ``scales``: per-level Tensor[L]; ``rois``:
-    Tensor[K, 5]; ``levels``: int64 Tensor[K]. Returns Tensor[K, C, PH, PW] in table's dtype.
+    Tensor[K, 5]; ``levels``: int64 Tensor[K]. Returns ``(batch, flat, wy, wx)``: the image
+    (int64 Tensor[K]) and table row (int64 Tensor[K, PH, 2Gy, PW, 2Gx]) of each tap, and the
+    per-axis weights Tensor[K, PH, 2Gy] (divided by the sample count) and Tensor[K, PW, 2Gx].
+    Bin (p, q) of RoI k is ``sum_ab wy[k, p, a] * wx[k, q, b] * table[batch[k], flat[k, p, a, q, b]]``.
     """
     ph, pw = output_size
-    k, c = rois.shape[0], table.shape[2]
-    cdt = table.dtype
-    out = table.new_empty((k, c, ph, pw))
-    if k == 0:
-        return out
     rois = rois.to(cdt)
     h, w = heights[levels].to(cdt), widths[levels].to(cdt)
     scale = scales[levels].to(cdt)
@@ -152,26 +149,72 @@ def _roi_align_flat(table: Tensor, heights: Tensor, widths: Tensor, offsets: Ten
     flat = (offsets[levels][:, None, None, None, None]
             + iy[:, :, :, None, None] * widths[levels][:, None, None, None, None]
             + ix[:, None, None, :, :])  # [K, PH, 2Gy, PW, 2Gx]
-    batch = rois[:, 0].long()
-    per_roi = ph * 2 * gy * pw * 2 * gx * c
-    chunk = max(1, REF_GATHER_BUDGET // per_roi)
+    return rois[:, 0].long(), flat, wy, wx
+
+
+def _roi_chunks(k: int, flat: Tensor, c: int):
+    """Memory-bounded ranges of RoIs (``REF_GATHER_BUDGET`` tap values each)."""
+    chunk = max(1, REF_GATHER_BUDGET // max(1, flat[0].numel() * c))
+    return [(s, min(k, s + chunk)) for s in range(0, k, chunk)]
+
+
+def _roi_align_flat(table: Tensor, heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor,
+                    rois: Tensor, levels: Tensor, output_size: tuple[int, int], sampling_ratio: int,
+                    aligned: bool) -> Tensor:
+    """RoI Align over levels flattened into ``table``: Tensor[N, S, C] (S = sum of H*W).
+
+    Arguments as :func:`_sample_taps`. Returns Tensor[K, C, PH, PW] in table's dtype.
+    """
+    k, c = rois.shape[0], table.shape[2]
+    if k == 0:
+        return table.new_empty((k, c, *output_size))
+    batch, flat, wy, wx = _sample_taps(heights, widths, offsets, scales, rois, levels, output_size, sampling_ratio,
+                                       aligned, table.dtype)
     parts = []
-    for s in range(0, k, chunk):  # loop over memory-bounded chunks of RoIs, not over RoIs
-        e = min(k, s + chunk)
+    for s, e in _roi_chunks(k, flat, c):  # loop over memory-bounded chunks of RoIs, not over RoIs
         vals = table[batch[s:e, None, None, None, None], flat[s:e]]  # [k, PH, 2Gy, PW, 2Gx, C]
         parts.append(torch.einsum("kpa,kpaqbc,kqb->kcpq", wy[s:e], vals, wx[s:e]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _roi_align_flat_backward(grad: Tensor, table_shape: tuple[int, int, int], heights: Tensor, widths: Tensor,
+                             offsets: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
+                             output_size: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+    """Gradient of :func:`_roi_align_flat` w.r.t. its table: each tap's weight times its bin's
+    gradient, summed into the tap's row. ``grad``: Tensor[K, C, PH, PW]. Returns Tensor[N, S, C]."""
+    out = grad.new_zeros(table_shape)
+    k, c = rois.shape[0], table_shape[2]
+    if k == 0:
+        return out
+    batch, flat, wy, wx = _sample_taps(heights, widths, offsets, scales, rois, levels, output_size, sampling_ratio,
+                                       aligned, grad.dtype)
+    for s, e in _roi_chunks(k, flat, c):
+        vals = torch.einsum("kpa,kcpq,kqb->kpaqbc", wy[s:e], grad[s:e], wx[s:e])
+        out.index_put_((batch[s:e, None, None, None, None].expand_as(flat[s:e]), flat[s:e]), vals, accumulate=True)
+    return out
+
+
 def _level_table(features: Sequence[Tensor], compute_dtype: torch.dtype):
     """Flatten feature maps [N, C, H, W] into one [N, sum(H*W), C] table and its level tables."""
     n, c = features[0].shape[:2]
-    device = features[0].device
     table = torch.cat([f.permute(0, 2, 3, 1).reshape(n, -1, c) for f in features], dim=1).to(compute_dtype)
-    sizes = torch.tensor([[f.shape[2], f.shape[3]] for f in features], dtype=torch.int64, device=device)
+    return (table, *_level_sizes([f.shape for f in features], features[0].device))
+
+
+def _level_sizes(shapes: Sequence[Sequence[int]], device: torch.device):
+    """Per-level heights, widths and row offsets (int64 Tensor[L] each) of the flattened table."""
+    sizes = torch.tensor([[s[2], s[3]] for s in shapes], dtype=torch.int64, device=device)
     heights, widths = sizes[:, 0], sizes[:, 1]
     offsets = torch.cumsum(heights * widths, 0) - heights * widths
-    return table, heights, widths, offsets
+    return heights, widths, offsets
+
+
+def _roi_levels(rois: Tensor, scales: Sequence[float], canonical_scale: float, canonical_level: int) -> Tensor:
+    """Each RoI's level: 0 with one level, else :func:`map_levels`."""
+    if len(scales) == 1:
+        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    k_min, k_max = level_range(scales)
+    return map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -188,13 +231,7 @@ def roi_align_ref(input: Tensor, rois: Tensor, output_size, spatial_scale: float
     Returns Tensor[K, C, PH, PW] in ``input``'s dtype (fp16/bf16 are computed in fp32).
     Differentiable w.r.t. ``input`` through autograd.
     """
-    cdt = _compute_dtype(input.dtype)
-    table, heights, widths, offsets = _level_table([input], cdt)
-    scales = torch.tensor([spatial_scale], dtype=cdt, device=input.device)
-    levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=input.device)
-    out = _roi_align_flat(table, heights, widths, offsets, scales, rois, levels, pair("output_size", output_size),
-                          sampling_ratio, aligned)
-    return out.to(input.dtype)
+    return _levels_ref([input], rois, pair("output_size", output_size), [spatial_scale], sampling_ratio, aligned)
 
 
 def multiscale_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_size, scales: Sequence[float],
@@ -205,14 +242,193 @@ def multiscale_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_si
     ``scales``: per-level spatial scale (1/stride). Each RoI is pooled from the level given
     by :func:`map_levels`. Returns Tensor[K, C, PH, PW] in the features' dtype.
     """
+    return _levels_ref(features, rois, pair("output_size", output_size), scales, sampling_ratio, False,
+                       canonical_scale, canonical_level)
+
+
+def _levels_ref(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int, int], scales: Sequence[float],
+                sampling_ratio: int, aligned: bool, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
+    """The reference over one level (every RoI on it) or several (each RoI on its mapped level)."""
     cdt = _compute_dtype(features[0].dtype)
     table, heights, widths, offsets = _level_table(features, cdt)
-    k_min, k_max = level_range(scales)
-    levels = map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    levels = _roi_levels(rois, scales, canonical_scale, canonical_level)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=features[0].device)
-    out = _roi_align_flat(table, heights, widths, offsets, scale_t, rois, levels, pair("output_size", output_size),
-                          sampling_ratio, aligned=False)
+    out = _roi_align_flat(table, heights, widths, offsets, scale_t, rois, levels, output_size, sampling_ratio, aligned)
     return out.to(features[0].dtype)
+
+
+def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence[int]], output_size: tuple[int, int],
+                           scales: Sequence[float], sampling_ratio: int, aligned: bool, canonical_scale: float = 224,
+                           canonical_level: int = 4, dtype: torch.dtype | None = None) -> list[Tensor]:
+    """Gradient of :func:`_levels_ref` w.r.t. each level, given ``grad`` Tensor[K, C, PH, PW].
+
+    ``shapes``: each level's (N, C, H, W). Returns per level Tensor[N, C, H, W] in ``dtype``
+    (default: ``grad``'s), computed in fp32 (fp64 for fp64) and contiguous.
+    """
+    dtype = dtype or grad.dtype
+    cdt = _compute_dtype(dtype)
+    n, c = shapes[0][:2]
+    heights, widths, offsets = _level_sizes(shapes, grad.device)
+    levels = _roi_levels(rois, scales, canonical_scale, canonical_level)
+    scale_t = torch.tensor(list(scales), dtype=cdt, device=grad.device)
+    total = sum(int(s[2]) * int(s[3]) for s in shapes)
+    table = _roi_align_flat_backward(grad.to(cdt), (n, total, c), heights, widths, offsets, scale_t, rois, levels,
+                                     output_size, sampling_ratio, aligned)
+    rows = [int(s[2]) * int(s[3]) for s in shapes]
+    return [t.reshape(n, s[2], s[3], c).permute(0, 3, 1, 2).to(dtype).contiguous()
+            for t, s in zip(table.split(rows, dim=1), shapes)]
+
+
+# --------------------------------------------------------------------------- registered ops
+#
+# ``fastmask::roi_align`` and ``fastmask::multiscale_roi_align`` are PyTorch custom ops (so
+# ``opcheck``, ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque op with an
+# exact fake), both differentiable through ``fastmask::roi_align_backward``. They take the
+# backend already resolved ("triton" or "torch"). Autocast: not autocast-aware; they compute in
+# the features' dtype (fp16/bf16 accumulate in fp32), as the public ops document.
+
+
+def _forward_impl(features: Sequence[Tensor], rois: Tensor, output_size: Sequence[int], scales: Sequence[float],
+                  sampling_ratio: int, aligned: bool, canonical_scale: float, canonical_level: int,
+                  backend: str) -> Tensor:
+    out_hw = (int(output_size[0]), int(output_size[1]))
+    if backend == "triton":
+        from fastmask.kernels.roi_align import roi_align_fwd
+
+        k_min, k_max = level_range(scales) if len(features) > 1 else (0, 0)
+        return roi_align_fwd(list(features), _fp32_rows(rois), out_hw, [float(s) for s in scales],
+                             sampling_ratio, aligned, canonical_scale=canonical_scale, canonical_level=canonical_level,
+                             k_min=k_min, k_max=k_max)
+    out = _levels_ref(features, rois, out_hw, scales, sampling_ratio, aligned, canonical_scale, canonical_level)
+    return out.contiguous()
+
+
+def _fp32_rows(rois: Tensor) -> Tensor:
+    """``rois`` as the kernels read them: fp32, contiguous (no op when they already are)."""
+    return rois if rois.dtype == torch.float32 and rois.is_contiguous() else rois.to(torch.float32).contiguous()
+
+
+def _forward_fake(features: Sequence[Tensor], rois: Tensor, output_size: Sequence[int], backend: str) -> Tensor:
+    f0 = features[0]
+    channels_last = backend == "triton" and all(_channels_last(f) for f in features)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((rois.shape[0], f0.shape[1], output_size[0], output_size[1]), dtype=f0.dtype, device=f0.device,
+                       memory_format=fmt)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether the Triton kernels treat ``t`` as channels-last (channel stride 1, more than one channel)."""
+    return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1 and not t.is_contiguous()
+
+
+@torch.library.custom_op("fastmask::roi_align", mutates_args=())
+def _roi_align_op(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_scale: float,
+                  sampling_ratio: int, aligned: bool, deterministic: bool, backend: str) -> Tensor:
+    return _forward_impl([input], rois, output_size, [spatial_scale], sampling_ratio, aligned, 224.0, 4, backend)
+
+
+@_roi_align_op.register_fake
+def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic, backend):
+    return _forward_fake([input], rois, output_size, backend)
+
+
+@torch.library.custom_op("fastmask::multiscale_roi_align", mutates_args=())
+def _multiscale_roi_align_op(features: Sequence[Tensor], rois: Tensor, output_size: Sequence[int],
+                             scales: Sequence[float], sampling_ratio: int, canonical_scale: float,
+                             canonical_level: int, deterministic: bool, backend: str) -> Tensor:
+    return _forward_impl(features, rois, output_size, scales, sampling_ratio, False, canonical_scale,
+                         canonical_level, backend)
+
+
+@_multiscale_roi_align_op.register_fake
+def _(features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, deterministic, backend):
+    return _forward_fake(features, rois, output_size, backend)
+
+
+def _grad_layout(shapes: Sequence[Sequence[int]], channels_last: Sequence[bool]):
+    """Per level: (shape, strides, element offset) of its gradient inside one flat buffer, dense,
+    channels-last where its input was."""
+    out, total = [], 0
+    for (n, c, h, w), cl in zip(shapes, channels_last):
+        out.append(((n, c, h, w), (h * w * c, 1, w * c, c) if cl else (c * h * w, h * w, w, 1), total))
+        total += n * c * h * w
+    return out, total
+
+
+@torch.library.custom_op("fastmask::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(grad: Tensor, rois: Tensor, shapes: Sequence[int], channels_last: Sequence[bool],
+                           dtype: torch.dtype, output_size: Sequence[int], scales: Sequence[float], sampling_ratio: int,
+                           aligned: bool, canonical_scale: float, canonical_level: int, deterministic: bool,
+                           backend: str) -> Tensor:
+    """Gradients of every level, flattened into one buffer (see ``_grad_layout``; ``shapes`` is
+    the levels' (N, C, H, W) concatenated). One output, so that no two outputs alias."""
+    level_shapes = [tuple(shapes[i:i + 4]) for i in range(0, len(shapes), 4)]
+    out_hw = (int(output_size[0]), int(output_size[1]))
+    if backend == "triton":
+        from fastmask.kernels.roi_align import roi_align_bwd
+
+        k_min, k_max = level_range(scales) if len(level_shapes) > 1 else (0, 0)
+        grads = roi_align_bwd(grad, _fp32_rows(rois), level_shapes, list(channels_last), out_hw,
+                              [float(s) for s in scales], sampling_ratio, aligned, canonical_scale=canonical_scale,
+                              canonical_level=canonical_level, k_min=k_min, k_max=k_max,
+                              deterministic=deterministic, grad_dtype=dtype)
+        # The kernel's gradients are views of one flat buffer in the same layout; return it.
+        return grads[0].as_strided((sum(math.prod(s) for s in level_shapes),), (1,), 0)
+    grads = roi_align_backward_ref(grad, rois, level_shapes, out_hw, scales, sampling_ratio, aligned, canonical_scale,
+                                   canonical_level, dtype)
+    return torch.cat([(g.permute(0, 2, 3, 1) if cl else g).reshape(-1) for g, cl in zip(grads, channels_last)])
+
+
+@_roi_align_backward_op.register_fake
+def _(grad, rois, shapes, channels_last, dtype, output_size, scales, sampling_ratio, aligned, canonical_scale,
+      canonical_level, deterministic, backend):
+    return grad.new_empty((sum(math.prod(shapes[i:i + 4]) for i in range(0, len(shapes), 4)),), dtype=dtype)
+
+
+def _save_for_backward(ctx, features: Sequence[Tensor], rois: Tensor, geometry: dict) -> None:
+    ctx.save_for_backward(rois)
+    ctx.geometry = geometry
+    ctx.shapes = [int(v) for f in features for v in f.shape]
+    ctx.channels_last = [geometry["backend"] == "triton" and _channels_last(f) for f in features]
+    ctx.dtype = features[0].dtype
+
+
+def _level_grads(ctx, grad: Tensor) -> list[Tensor]:
+    (rois,) = ctx.saved_tensors
+    g = ctx.geometry
+    flat = torch.ops.fastmask.roi_align_backward(
+        grad, rois, ctx.shapes, ctx.channels_last, ctx.dtype, g["output_size"], g["scales"], g["sampling_ratio"],
+        g["aligned"], g["canonical_scale"], g["canonical_level"], g["deterministic"], g["backend"])
+    shapes = [tuple(ctx.shapes[i:i + 4]) for i in range(0, len(ctx.shapes), 4)]
+    layout, _ = _grad_layout(shapes, ctx.channels_last)
+    return [flat.as_strided(shape, strides, offset) for shape, strides, offset in layout]
+
+
+def _roi_align_setup(ctx, inputs, output):
+    input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic, backend = inputs
+    _save_for_backward(ctx, [input], rois, dict(
+        output_size=list(output_size), scales=[spatial_scale], sampling_ratio=sampling_ratio, aligned=aligned,
+        canonical_scale=224.0, canonical_level=4, deterministic=deterministic, backend=backend))
+
+
+def _roi_align_grad(ctx, grad):
+    return (_level_grads(ctx, grad)[0],) + (None,) * 7
+
+
+def _multiscale_setup(ctx, inputs, output):
+    features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, deterministic, backend = inputs
+    _save_for_backward(ctx, features, rois, dict(
+        output_size=list(output_size), scales=list(scales), sampling_ratio=sampling_ratio, aligned=False,
+        canonical_scale=canonical_scale, canonical_level=canonical_level, deterministic=deterministic,
+        backend=backend))
+
+
+def _multiscale_grad(ctx, grad):
+    return (_level_grads(ctx, grad),) + (None,) * 8
+
+
+_roi_align_op.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+_multiscale_roi_align_op.register_autograd(_multiscale_grad, setup_context=_multiscale_setup)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -248,9 +464,9 @@ def _check_scalars(spatial_scale=1.0, sampling_ratio=-1, aligned=False, canonica
 
 
 def _check_batch_index(rois: Tensor, n: int) -> None:
-    """boxes[:, 0] must hold whole numbers in [0, n) (CPU tensors; on CUDA this would sync,
-    and the Triton kernel pools zeros for an out-of-range index)."""
-    if rois.device.type != "cpu" or rois.shape[0] == 0:
+    """boxes[:, 0] must hold whole numbers in [0, n) (where ``data_checks_enabled``: by default
+    CPU tensors only; without the check the Triton kernel pools zeros for an out-of-range index)."""
+    if rois.shape[0] == 0 or not data_checks_enabled(rois):
         return
     idx = rois[:, 0]
     bad = (idx != idx.round()) | (idx < 0) | (idx >= n)
@@ -292,11 +508,9 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
     check_same_device(input=input, boxes=rois)
     out_hw = pair("output_size", output_size)
     _check_batch_index(rois, input.shape[0])
-    if resolve_backend(backend, input, "roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton":
-        from ._roi_align_triton import roi_align_triton
-        return roi_align_triton([input], rois, out_hw, [spatial_scale], sampling_ratio, aligned,
-                                deterministic=deterministic)
-    return roi_align_ref(input, rois, out_hw, spatial_scale, sampling_ratio, aligned)
+    name = resolve_backend(backend, input, "roi_align", dtypes=FLOAT_DTYPES[:3])
+    return torch.ops.fastmask.roi_align(input, rois.detach(), list(out_hw), float(spatial_scale), sampling_ratio,
+                                        aligned, _deterministic(deterministic), name)
 
 
 def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], output_size,
@@ -330,16 +544,20 @@ def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], ou
     _check_scalars(sampling_ratio=sampling_ratio, canonical_scale=canonical_scale, canonical_level=canonical_level)
     out_hw = pair("output_size", output_size)
     scales = infer_scales([f.shape[-2:] for f in features], image_sizes)
-    use_triton = resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3]) == "triton"
-    if use_triton and len(features) > KERNEL_MAX_LEVELS and check_backend_name(backend) == "auto":
-        use_triton = False  # more levels than one launch takes: the reference handles any count
-    if use_triton:
-        from ._roi_align_triton import roi_align_triton
-        k_min, k_max = level_range(scales)
-        return roi_align_triton(list(features), rois, out_hw, scales, sampling_ratio, False,
-                                canonical_scale=canonical_scale, canonical_level=canonical_level, k_min=k_min,
-                                k_max=k_max, deterministic=deterministic)
-    return multiscale_roi_align_ref(features, rois, out_hw, scales, sampling_ratio, canonical_scale, canonical_level)
+    name = resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3])
+    if name == "triton" and len(features) > KERNEL_MAX_LEVELS:
+        if check_backend_name(backend) == "triton":
+            raise RuntimeError(f"multiscale_roi_align: the Triton kernel takes at most {KERNEL_MAX_LEVELS} feature "
+                               f"levels, got {len(features)}; use backend='torch'")
+        name = "torch"  # more levels than one launch takes: the reference handles any count
+    return torch.ops.fastmask.multiscale_roi_align(list(features), rois.detach(), list(out_hw), scales, sampling_ratio,
+                                                   float(canonical_scale), int(canonical_level),
+                                                   _deterministic(deterministic), name)
+
+
+def _deterministic(deterministic: bool | None) -> bool:
+    """``deterministic`` as given, or None: ``torch.are_deterministic_algorithms_enabled()``."""
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
 
 class MultiScaleRoIAlign(nn.Module):

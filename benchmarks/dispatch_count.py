@@ -53,9 +53,9 @@ MASK_INDEXING = frozenset({"aten.index.Tensor", "aten.index_put.default", "aten.
 
 def _custom_op_impl(func):
     """The Python implementation of a ``fastmask::`` registered op (what its kernel runs)."""
-    from torch._library.custom_ops import OPDEFS
+    from fastmask.ops._library import IMPLS
 
-    return OPDEFS[func._schema.name]._init_fn
+    return IMPLS[func._schema.name.split("::", 1)[1]]
 
 
 class DispatchCounter(TorchDispatchMode):

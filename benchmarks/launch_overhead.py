@@ -9,6 +9,8 @@ device table) and 15-19 arguments. This script measures that cost, on a GPU or w
   python -m benchmarks.launch_overhead --dry             # no GPU needed (see below)
   python -m benchmarks.launch_overhead --module OLD.py   # another version of kernels/roi_align.py,
                                                          # e.g. `git show REV:kernels/roi_align.py`
+  python -m benchmarks.launch_overhead --ops [--dry]     # every public op's whole call instead (the
+                                                         # sizes of benchmarks.dispatch_count)
 
 Cases: FPN P2-P5 of a 512x512 image, 256 channels, batch 2, fp32, 8 RoIs, 7x7 output:
 forward (NCHW and channels-last), atomic backward and deterministic backward (NCHW; both
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--ops", action="store_true",
+                        help="time each public op's whole call (glue, registered op, launches) instead")
     args = parser.parse_args(argv)
 
     dry = args.dry
@@ -173,6 +177,8 @@ def main(argv=None) -> int:
     import torch
     from triton.runtime.jit import JITFunction
 
+    if args.ops:
+        return _time_ops(dry, args)
     mod = _load(args.module)
     if not isinstance(mod._roi_align_fwd_kernel, JITFunction):
         parser.error("Triton is in interpreter mode (TRITON_INTERPRET=1): unset it")
@@ -244,6 +250,48 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"where": where, "module": args.module, "torch": torch.__version__,
                                                "triton": triton.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+def _time_ops(dry: bool, args) -> int:
+    """Host time of one whole call of each public op (Triton backend): the Python glue, the
+    registered op's dispatch, the torch ops around the kernels and the launches. With --dry the
+    torch ops run on CPU tensors (their CPU time, not a launch) and the kernels do not run."""
+    import torch
+    import triton
+
+    from .dispatch_count import data_checks, standard_cases
+
+    if dry:
+        # fastmask allows backend="triton" on CPU tensors only under the interpreter flag, which
+        # triton.jit also reads when a kernel is defined: the kernels are imported first, so
+        # their real JIT (stubbed) is what runs.
+        import fastmask.kernels.box_decode, fastmask.kernels.mask_paste  # noqa: E401, F401
+        import fastmask.kernels.nms, fastmask.kernels.roi_align  # noqa: E401, F401
+
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = "cpu" if dry else "cuda"
+    rows = []
+    with data_checks(False):
+        for name, fn in standard_cases("triton", device).items():
+            fn()  # warm-up: compiles, fills the host-side caches
+            host = []
+            for _ in range(args.repeats):
+                if not dry:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    fn()
+                host.append((time.perf_counter() - t0) / args.calls * 1e6)
+            rows.append({"case": name, "host_us": statistics.median(host), "host_min_us": min(host)})
+    where = "dry (CPU, sm_90 JIT up to the launch)" if dry else torch.cuda.get_device_name()
+    print(f"# public ops, Triton backend; {where}; torch {torch.__version__}, triton {triton.__version__}; "
+          f"{args.repeats} x {args.calls} calls")
+    print(f"{'op':54s} {'host_us':>8s} {'(min)':>7s}")
+    for r in rows:
+        print(f"{r['case']:54s} {r['host_us']:8.1f} {r['host_min_us']:7.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"where": where, "rows": rows}, indent=1))
     return 0
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from ._backend import check_backend_name, resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from ._device import device_constant, to_device_async
+from ._library import register
 
 # Largest log-scale change decoded: a box at most 1000 px wide from a 16 px anchor.
 # Clamping dw, dh here keeps exp() finite for wild early-training deltas (torchvision's value).
@@ -241,7 +242,12 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0),
                                            clip_t, clip_hw, name)
 
 
-@torch.library.custom_op("fastmask::decode_boxes", mutates_args=())
+def _decode_boxes_fake(rel_codes, boxes, weights, bbox_xform_clip, clip_to, clip_size, backend):
+    return torch.empty_like(rel_codes, memory_format=torch.contiguous_format)
+
+
+@register("decode_boxes(Tensor rel_codes, Tensor boxes, float[] weights, float bbox_xform_clip, Tensor? clip_to, "
+          "float[]? clip_size, str backend) -> Tensor", _decode_boxes_fake)
 def _decode_boxes_op(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float], bbox_xform_clip: float,
                      clip_to: Tensor | None, clip_size: Sequence[float] | None, backend: str) -> Tensor:
     """Registered op behind :func:`decode_boxes`: ``clip_to`` a per-row Tensor or ``clip_size``
@@ -251,11 +257,6 @@ def _decode_boxes_op(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
         from fastmask.kernels.box_decode import decode_boxes as decode_boxes_kernel
         return decode_boxes_kernel(rel_codes, boxes, tuple(weights), bbox_xform_clip, clip_to=clip)
     return decode_boxes_ref(rel_codes, boxes, tuple(weights), bbox_xform_clip, clip).contiguous()
-
-
-@_decode_boxes_op.register_fake
-def _(rel_codes, boxes, weights, bbox_xform_clip, clip_to, clip_size, backend):
-    return torch.empty_like(rel_codes, memory_format=torch.contiguous_format)
 
 
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights=(1.0, 1.0, 1.0, 1.0), *,

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ._backend import resolve_backend
 from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, pair
+from ._library import register
 
 # Output pixels the reference computes at once (chunks of masks are processed in turn):
 # 2**25 fp32 values are 128 MiB, so the float image made before thresholding (and the fp32
@@ -248,7 +249,13 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
                                           name)[:, None]
 
 
-@torch.library.custom_op("fastmask::paste_masks", mutates_args=())
+def _paste_masks_fake(masks, boxes, image_size, padding, threshold, backend):
+    dtype = torch.bool if threshold is not None else masks.dtype
+    return masks.new_empty((masks.shape[0], image_size[0], image_size[1]), dtype=dtype)
+
+
+@register("paste_masks(Tensor masks, Tensor boxes, int[] image_size, int padding, float? threshold, str backend) "
+          "-> Tensor", _paste_masks_fake)
 def _paste_masks_op(masks: Tensor, boxes: Tensor, image_size: Sequence[int], padding: int, threshold: float | None,
                     backend: str) -> Tensor:
     """Registered op behind :func:`paste_masks`: ``masks`` Tensor[N, MH, MW] -> Tensor[N, H, W];
@@ -259,12 +266,6 @@ def _paste_masks_op(masks: Tensor, boxes: Tensor, image_size: Sequence[int], pad
 
         return paste_masks_fwd(masks, boxes, (h, w), padding=padding, threshold=threshold)
     return paste_masks_ref(masks, boxes, (h, w), padding, threshold)[:, 0]
-
-
-@_paste_masks_op.register_fake
-def _(masks, boxes, image_size, padding, threshold, backend):
-    dtype = torch.bool if threshold is not None else masks.dtype
-    return masks.new_empty((masks.shape[0], image_size[0], image_size[1]), dtype=dtype)
 
 
 def paste_masks_in_boxes(masks: Tensor, boxes: Tensor, padding: int = 1, threshold: float | None = None,

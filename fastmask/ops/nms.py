@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ._backend import resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, data_checks_enabled
+from ._library import register
 
 # Sorted boxes the reference resolves together. Larger tiles mean fewer Python steps but
 # a longer fixed-point iteration and a bigger [kept, tile] matrix; of 64-512, 128 was the
@@ -225,31 +226,27 @@ def _kept_indices(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Ten
     return nms_ref(boxes, scores, iou_threshold, idxs)
 
 
-def _kept_indices_fake(boxes: Tensor) -> Tensor:
+def _kept_indices_fake(boxes: Tensor, *args) -> Tensor:
     return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
-@torch.library.custom_op("fastmask::nms", mutates_args=())
+@register("nms(Tensor boxes, Tensor scores, float iou_threshold, str backend) -> Tensor", _kept_indices_fake)
 def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, backend: str) -> Tensor:
     return _kept_indices(boxes, scores, iou_threshold, None, backend)
 
 
-@_nms_op.register_fake
-def _(boxes, scores, iou_threshold, backend):
-    return _kept_indices_fake(boxes)
-
-
-@torch.library.custom_op("fastmask::batched_nms", mutates_args=())
+@register("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, str backend) -> Tensor",
+          _kept_indices_fake)
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, backend: str) -> Tensor:
     return _kept_indices(boxes, scores, iou_threshold, idxs, backend)
 
 
-@_batched_nms_op.register_fake
-def _(boxes, scores, idxs, iou_threshold, backend):
-    return _kept_indices_fake(boxes)
+def _keep_mask_fake(boxes, scores, iou_threshold, idxs, valid, backend):
+    return boxes.new_empty(boxes.shape[:-1], dtype=torch.bool)
 
 
-@torch.library.custom_op("fastmask::nms_keep_mask", mutates_args=())
+@register("nms_keep_mask(Tensor boxes, Tensor scores, float iou_threshold, Tensor? idxs, Tensor? valid, str backend) "
+          "-> Tensor", _keep_mask_fake)
 def _nms_keep_mask_op(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None, valid: Tensor | None,
                       backend: str) -> Tensor:
     if boxes.shape[-2] == 0:
@@ -262,11 +259,6 @@ def _nms_keep_mask_op(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs:
                                 None if valid is None else valid.reshape(b3.shape[:2]))
         return keep.reshape(lead)
     return nms_keep_mask_ref(boxes, scores, iou_threshold, idxs, valid)
-
-
-@_nms_keep_mask_op.register_fake
-def _(boxes, scores, iou_threshold, idxs, valid, backend):
-    return boxes.new_empty(boxes.shape[:-1], dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------- public ops

@@ -47,6 +47,7 @@ from torch import Tensor
 from ._backend import resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from ._device import to_device_async
+from ._library import register
 from .anchors import AnchorGeometry
 from .boxes import BBOX_XFORM_CLIP, _image_size, decode_boxes_ref, per_row_image_sizes
 from .nms import keep_mask_presorted_triton, nms_keep_mask_ref
@@ -320,7 +321,18 @@ def rpn_proposals_padded(objectness: Tensor, pred_bbox_deltas: Tensor,
         num_anchors_per_level, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, name)
 
 
-@torch.library.custom_op("fastmask::rpn_proposals", mutates_args=())
+def _rpn_proposals_fake(objectness, deltas, anchors, cell_anchors, cell_values, grid_sizes, strides, image_sizes, num_anchors_per_level,
+      pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, backend):
+    b = objectness.shape[0]
+    m = min(post_nms_top_n, sum(min(pre_nms_top_n, a) for a in num_anchors_per_level))
+    return (deltas.new_empty((b, m, 4)), objectness.new_empty((b, m)),
+            objectness.new_empty((b,), dtype=torch.int64))
+
+
+@register("rpn_proposals(Tensor objectness, Tensor deltas, Tensor? anchors, Tensor[] cell_anchors, "
+          "float[] cell_values, int[] grid_sizes, int[] strides, int[] image_sizes, int[] num_anchors_per_level, "
+          "int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, float min_size, str backend) "
+          "-> (Tensor, Tensor, Tensor)", _rpn_proposals_fake)
 def _rpn_proposals_op(objectness: Tensor, deltas: Tensor, anchors: Tensor | None, cell_anchors: Sequence[Tensor],
                       cell_values: Sequence[float], grid_sizes: Sequence[int], strides: Sequence[int],
                       image_sizes: Sequence[int], num_anchors_per_level: Sequence[int], pre_nms_top_n: int,
@@ -346,12 +358,3 @@ def _rpn_proposals_op(objectness: Tensor, deltas: Tensor, anchors: Tensor | None
         table = anchors.anchors() if isinstance(anchors, AnchorGeometry) else anchors
         cand = rpn_candidates_ref(objectness, deltas, table, sizes, levels, pre_nms_top_n, score_thresh, min_size)
     return select_proposals(*cand, nms_thresh, post_nms_top_n, backend)
-
-
-@_rpn_proposals_op.register_fake
-def _(objectness, deltas, anchors, cell_anchors, cell_values, grid_sizes, strides, image_sizes, num_anchors_per_level,
-      pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, backend):
-    b = objectness.shape[0]
-    m = min(post_nms_top_n, sum(min(pre_nms_top_n, a) for a in num_anchors_per_level))
-    return (deltas.new_empty((b, m, 4)), objectness.new_empty((b, m)),
-            objectness.new_empty((b,), dtype=torch.int64))

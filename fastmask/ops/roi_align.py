@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._backend import check_backend_name, resolve_backend
 from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, data_checks_enabled, pair
+from ._library import register
 
 # Values the reference gathers at once (chunks of RoIs are processed in turn): 2**25 fp32
 # values are 128 MiB, which keeps the CPU reference within a few hundred MiB at any size.
@@ -321,28 +322,30 @@ def _channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1 and not t.is_contiguous()
 
 
-@torch.library.custom_op("fastmask::roi_align", mutates_args=())
+def _roi_align_fake(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic, backend):
+    return _forward_fake([input], rois, output_size, backend)
+
+
+@register("roi_align(Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio, "
+          "bool aligned, bool deterministic, str backend) -> Tensor", _roi_align_fake)
 def _roi_align_op(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_scale: float,
                   sampling_ratio: int, aligned: bool, deterministic: bool, backend: str) -> Tensor:
     return _forward_impl([input], rois, output_size, [spatial_scale], sampling_ratio, aligned, 224.0, 4, backend)
 
 
-@_roi_align_op.register_fake
-def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic, backend):
-    return _forward_fake([input], rois, output_size, backend)
+def _multiscale_fake(features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level,
+                     deterministic, backend):
+    return _forward_fake(features, rois, output_size, backend)
 
 
-@torch.library.custom_op("fastmask::multiscale_roi_align", mutates_args=())
+@register("multiscale_roi_align(Tensor[] features, Tensor rois, int[] output_size, float[] scales, "
+          "int sampling_ratio, float canonical_scale, int canonical_level, bool deterministic, str backend) -> Tensor",
+          _multiscale_fake)
 def _multiscale_roi_align_op(features: Sequence[Tensor], rois: Tensor, output_size: Sequence[int],
                              scales: Sequence[float], sampling_ratio: int, canonical_scale: float,
                              canonical_level: int, deterministic: bool, backend: str) -> Tensor:
     return _forward_impl(features, rois, output_size, scales, sampling_ratio, False, canonical_scale,
                          canonical_level, backend)
-
-
-@_multiscale_roi_align_op.register_fake
-def _(features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, deterministic, backend):
-    return _forward_fake(features, rois, output_size, backend)
 
 
 def _grad_layout(shapes: Sequence[Sequence[int]], channels_last: Sequence[bool]):
@@ -355,7 +358,14 @@ def _grad_layout(shapes: Sequence[Sequence[int]], channels_last: Sequence[bool])
     return out, total
 
 
-@torch.library.custom_op("fastmask::roi_align_backward", mutates_args=())
+def _backward_fake(grad, rois, shapes, channels_last, dtype, output_size, scales, sampling_ratio, aligned,
+                   canonical_scale, canonical_level, deterministic, backend):
+    return grad.new_empty((sum(math.prod(shapes[i:i + 4]) for i in range(0, len(shapes), 4)),), dtype=dtype)
+
+
+@register("roi_align_backward(Tensor grad, Tensor rois, int[] shapes, bool[] channels_last, ScalarType dtype, "
+          "int[] output_size, float[] scales, int sampling_ratio, bool aligned, float canonical_scale, "
+          "int canonical_level, bool deterministic, str backend) -> Tensor", _backward_fake)
 def _roi_align_backward_op(grad: Tensor, rois: Tensor, shapes: Sequence[int], channels_last: Sequence[bool],
                            dtype: torch.dtype, output_size: Sequence[int], scales: Sequence[float], sampling_ratio: int,
                            aligned: bool, canonical_scale: float, canonical_level: int, deterministic: bool,
@@ -377,12 +387,6 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, shapes: Sequence[int], ch
     grads = roi_align_backward_ref(grad, rois, level_shapes, out_hw, scales, sampling_ratio, aligned, canonical_scale,
                                    canonical_level, dtype)
     return torch.cat([(g.permute(0, 2, 3, 1) if cl else g).reshape(-1) for g, cl in zip(grads, channels_last)])
-
-
-@_roi_align_backward_op.register_fake
-def _(grad, rois, shapes, channels_last, dtype, output_size, scales, sampling_ratio, aligned, canonical_scale,
-      canonical_level, deterministic, backend):
-    return grad.new_empty((sum(math.prod(shapes[i:i + 4]) for i in range(0, len(shapes), 4)),), dtype=dtype)
 
 
 def _save_for_backward(ctx, features: Sequence[Tensor], rois: Tensor, geometry: dict) -> None:
@@ -427,8 +431,8 @@ def _multiscale_grad(ctx, grad):
     return (_level_grads(ctx, grad),) + (None,) * 8
 
 
-_roi_align_op.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
-_multiscale_roi_align_op.register_autograd(_multiscale_grad, setup_context=_multiscale_setup)
+torch.library.register_autograd("fastmask::roi_align", _roi_align_grad, setup_context=_roi_align_setup)
+torch.library.register_autograd("fastmask::multiscale_roi_align", _multiscale_grad, setup_context=_multiscale_setup)
 
 
 # --------------------------------------------------------------------------- public ops

@@ -95,6 +95,12 @@ def test_roi_align_zero_boxes():
     assert out.shape == (0, 4, 3, 3)
     out = roi_align(x, [torch.zeros(0, 4), torch.zeros(0, 4)], (2, 4), backend="torch")
     assert out.shape == (0, 4, 2, 4)
+    # Differentiable even when empty, as torchvision's: the gradient is all zeros.
+    x.requires_grad_()
+    out = roi_align(x, torch.zeros(0, 5), 3, backend="torch")
+    assert out.requires_grad
+    out.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_roi_align_inputs_not_modified():

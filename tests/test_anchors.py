@@ -36,6 +36,13 @@ def test_fpn_anchors_match_torchvision(dtype, padded):
     assert ours[0].data_ptr() != ours[1].data_ptr()  # one tensor per image, as torchvision
 
 
+def test_empty_batch_gives_no_anchor_sets():
+    """Zero images: torchvision returns an empty list, and so does the generator."""
+    images, feats = fpn_batch(64, 64, [])
+    ours = AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, feats)
+    assert ours == [] and TVAnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, feats) == []
+
+
 @pytest.mark.parametrize("sizes, ratios", [
     (((128, 256, 512),), ((0.5, 1.0, 2.0),)),  # torchvision's default: one level, 9 cell anchors
     ((16, 40), (0.25, 1.0, 3.0)),  # flat forms: one size per level, ratios shared

@@ -190,6 +190,8 @@ class AnchorGenerator(nn.Module):
     def forward(self, image_list, feature_maps: Sequence[Tensor]) -> list[Tensor]:
         """One Tensor[A, 4] of anchors per image (equal for every image, separate tensors)."""
         geometry = self.geometry(image_list, feature_maps)
+        if geometry.num_images == 0:
+            return []  # no images, no anchor sets (as torchvision)
         anchors = geometry.anchors()
         return [anchors] + [anchors.clone() for _ in range(geometry.num_images - 1)]
 

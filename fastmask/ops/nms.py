@@ -212,8 +212,8 @@ def nms_ref(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | 
 
 # --------------------------------------------------------------------------- registered ops
 #
-# ``fastmask::nms``, ``fastmask::batched_nms`` and ``fastmask::nms_keep_mask`` are PyTorch custom
-# ops taking the backend already resolved ("triton" or "torch"). The keep mask has a static
+# ``fastmask::nms``, ``fastmask::batched_nms`` and ``fastmask::nms_keep_mask`` are registered ops
+# (see ``_library``) taking the backend already resolved ("triton" or "torch"). The keep mask has a static
 # shape; the kept indices have a data-dependent length (their fake declares an unbacked size).
 # No gradients (NMS selects boxes); not autocast-aware (IoU is computed in fp32, fp64 for fp64).
 

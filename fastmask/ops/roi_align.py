@@ -282,11 +282,11 @@ def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence
 
 # --------------------------------------------------------------------------- registered ops
 #
-# ``fastmask::roi_align`` and ``fastmask::multiscale_roi_align`` are PyTorch custom ops (so
-# ``opcheck``, ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque op with an
-# exact fake), both differentiable through ``fastmask::roi_align_backward``. They take the
-# backend already resolved ("triton" or "torch"). Autocast: not autocast-aware; they compute in
-# the features' dtype (fp16/bf16 accumulate in fp32), as the public ops document.
+# ``fastmask::roi_align`` and ``fastmask::multiscale_roi_align`` are registered ops (see
+# ``_library``: ``opcheck``, ``torch.compile(fullgraph=True)`` and ``torch.export`` see one op
+# with an exact fake), both differentiable through ``fastmask::roi_align_backward``. They take
+# the backend already resolved ("triton" or "torch"). Autocast: not autocast-aware; they compute
+# in the features' dtype (fp16/bf16 accumulate in fp32), as the public ops document.
 
 
 def _forward_impl(features: Sequence[Tensor], rois: Tensor, output_size: Sequence[int], scales: Sequence[float],

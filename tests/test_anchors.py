@@ -89,6 +89,17 @@ def test_geometry_describes_the_anchors():
         start += count
 
 
+def test_geometry_flat_round_trip():
+    """The registered proposal op takes the geometry as flat lists: from_flat(flat()) is it."""
+    images, feats = fpn_batch(96, 128, [(96, 120), (90, 128)])
+    geo = AnchorGenerator(FPN_SIZES, ((0.5, 1.0),) * 5).geometry(images, feats)
+    back = AnchorGeometry.from_flat(*geo.flat(), geo.num_images)
+    assert (back.cell_values, back.grid_sizes, back.strides, back.num_images) == \
+        (geo.cell_values, geo.grid_sizes, geo.strides, geo.num_images)
+    assert all(a is b for a, b in zip(back.cell_anchors, geo.cell_anchors))
+    assert torch.equal(back.anchors(), geo.anchors())
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="levels"):
         AnchorGenerator(FPN_SIZES, ((0.5, 1.0),) * 4)

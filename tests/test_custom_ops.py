@@ -73,17 +73,27 @@ def _op_cases(backend):
     }
 
 
-def _rpn_args(backend):
-    g = _gen(1)
-    gen = ops.AnchorGenerator(((16,), (32,)), ((0.5, 1.0, 2.0),) * 2)
+RPN_IMAGE_SIZES = [(32, 30), (28, 32)]
+
+
+def _rpn_geometry(device="cpu"):
+    """A two-level anchor geometry of a padded 2 x 32 x 32 batch."""
     from fastmask.models.transform import ImageList
 
-    image_list = ImageList(torch.zeros(2, 3, 32, 32), [(32, 30), (28, 32)])
-    geo = gen.geometry(image_list, [torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4)])
+    gen = ops.AnchorGenerator(((16,), (32,)), ((0.5, 1.0, 2.0),) * 2)
+    image_list = ImageList(torch.zeros(2, 3, 32, 32, device=device), RPN_IMAGE_SIZES)
+    return gen.geometry(image_list, [torch.zeros(2, 1, 8, 8, device=device), torch.zeros(2, 1, 4, 4, device=device)])
+
+
+def _rpn_inputs(geo):
+    g = _gen(1)
     a = sum(geo.num_anchors_per_level)
-    return (torch.randn(2, a, generator=g), torch.randn(2, a, 4, generator=g) * 0.2, None, list(geo.cell_anchors),
-            [float(v) for level in geo.cell_values for row in level for v in row],
-            [v for hw in geo.grid_sizes for v in hw], [v for st in geo.strides for v in st], [32, 30, 28, 32],
+    return torch.randn(2, a, generator=g), torch.randn(2, a, 4, generator=g) * 0.2
+
+
+def _rpn_args(backend):
+    geo = _rpn_geometry()
+    return (*_rpn_inputs(geo), None, *geo.flat(), [v for hw in RPN_IMAGE_SIZES for v in hw],
             geo.num_anchors_per_level, 50, 30, 0.6, 0.0, 1e-3, backend)
 
 
@@ -191,17 +201,12 @@ def _static_cases(backend, device="cpu"):
 
 
 def _rpn_padded_case(backend, device):
-    args = _rpn_args(backend)
-    gen = ops.AnchorGenerator(((16,), (32,)), ((0.5, 1.0, 2.0),) * 2)
-    from fastmask.models.transform import ImageList
-
-    image_list = ImageList(torch.zeros(2, 3, 32, 32, device=device), [(32, 30), (28, 32)])
-    geo = gen.geometry(image_list, [torch.zeros(2, 1, 8, 8, device=device), torch.zeros(2, 1, 4, 4, device=device)])
+    geo = _rpn_geometry(device)
 
     def fn(objectness, deltas):
-        return ops.rpn_proposals_padded(objectness, deltas, geo, image_list.image_sizes, pre_nms_top_n=50,
+        return ops.rpn_proposals_padded(objectness, deltas, geo, RPN_IMAGE_SIZES, pre_nms_top_n=50,
                                         post_nms_top_n=30, nms_thresh=0.6, backend=backend)
-    return fn, (args[0].to(device), args[1].to(device))
+    return fn, tuple(t.to(device) for t in _rpn_inputs(geo))
 
 
 STATIC_OPS = ["roi_align", "multiscale_roi_align", "nms_keep_mask", "decode_boxes", "paste_masks",

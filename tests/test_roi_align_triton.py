@@ -541,3 +541,30 @@ def test_cuda_new_box_count_does_not_recompile():
     for k in (1, 17, 299):
         multiscale_roi_align(feats, [b[:k] for b in boxes], 7, image_sizes, 2, backend="triton")
     assert sum(len(cache[0]) for cache in _roi_align_fwd_kernel.device_caches.values()) == compiled
+
+
+def test_gradient_layout_agrees_with_the_kernel():
+    """The registered backward returns the kernel's flat gradient buffer and the op's autograd
+    formula cuts it into per-level views with its own ``_grad_layout``: the two must agree."""
+    from fastmask.kernels.roi_align import _grad_layout as kernel_layout
+    from fastmask.ops.roi_align import _grad_layout as op_layout
+
+    shapes = [(2, 16, 13, 17), (2, 16, 7, 9), (2, 16, 1, 1)]
+    for channels_last in ([False] * 3, [True] * 3, [True, False, True]):
+        strides, offsets, total = kernel_layout(shapes, channels_last)
+        layout, op_total = op_layout(shapes, channels_last)
+        assert op_total == total
+        assert [(tuple(s), st, o) for s, st, o in layout] == list(zip(map(tuple, shapes), strides, offsets))
+
+
+def test_channels_last_rule_agrees_with_the_kernel():
+    """The op's fake picks the output layout with the kernel's channels-last rule, restated on
+    the op's side (which must not import Triton)."""
+    from fastmask.kernels.roi_align import is_channels_last
+    from fastmask.ops.roi_align import _channels_last
+
+    x = torch.zeros(2, 5, 4, 6)
+    cases = [x, x.to(memory_format=torch.channels_last), x[:, :1], x[:, :1].to(memory_format=torch.channels_last),
+             torch.zeros(2, 5, 1, 1).to(memory_format=torch.channels_last), x.permute(0, 1, 3, 2)]
+    assert [_channels_last(t) for t in cases] == [is_channels_last(t) for t in cases]
+    assert _channels_last(cases[1]) and not _channels_last(cases[0])

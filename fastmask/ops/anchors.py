@@ -81,6 +81,23 @@ class AnchorGeometry:
         """Tensor[A, 4]: every anchor of one image, all levels concatenated (A = sum of levels)."""
         return torch.cat(self.level_anchors())
 
+    def flat(self) -> tuple[list[Tensor], list[float], list[int], list[int]]:
+        """The geometry as flat lists, the form a registered op takes (schema types only): the
+        cell anchors, their values row by row, ``(H, W)`` and ``(stride_y, stride_x)`` per level.
+        :meth:`from_flat` inverts it."""
+        return (list(self.cell_anchors), [float(v) for level in self.cell_values for row in level for v in row],
+                [v for hw in self.grid_sizes for v in hw], [v for st in self.strides for v in st])
+
+    @classmethod
+    def from_flat(cls, cell_anchors: Sequence[Tensor], cell_values: Sequence[float], grid_sizes: Sequence[int],
+                  strides: Sequence[int], num_images: int) -> AnchorGeometry:
+        """The geometry from :meth:`flat`'s lists (cell values split by each level's anchor count)."""
+        values, per_level = iter(cell_values), []
+        for cell in cell_anchors:
+            per_level.append(tuple(tuple(next(values) for _ in range(4)) for _ in range(cell.shape[0])))
+        return cls(tuple(cell_anchors), tuple(per_level), tuple(zip(grid_sizes[::2], grid_sizes[1::2])),
+                   tuple(zip(strides[::2], strides[1::2])), num_images)
+
 
 def _as_nested(name: str, value) -> tuple[tuple[float, ...], ...]:
     if not isinstance(value, (tuple, list)) or len(value) == 0:

@@ -280,7 +280,8 @@ def rpn_proposals_padded(objectness: Tensor, pred_bbox_deltas: Tensor,
     if num_anchors_per_level is None or not isinstance(num_anchors_per_level, (list, tuple)) or \
             len(num_anchors_per_level) == 0:
         raise ValueError("num_anchors_per_level must be a non-empty list of ints (anchors per level)")
-    num_anchors_per_level = [_check_count(f"num_anchors_per_level[{i}]", c) for i, c in enumerate(num_anchors_per_level)]
+    num_anchors_per_level = [_check_count(f"num_anchors_per_level[{i}]", c)
+                             for i, c in enumerate(num_anchors_per_level)]
     a_total = sum(num_anchors_per_level)
     if objectness.numel() != b * a_total:
         raise ValueError(f"objectness must hold B * A = {b} * {a_total} logits (Tensor[B, A] or [B * A, 1]), "
@@ -310,19 +311,17 @@ def rpn_proposals_padded(objectness: Tensor, pred_bbox_deltas: Tensor,
     deltas = pred_bbox_deltas.detach().reshape(b, a_total, 4)
     name = resolve_backend(backend, deltas, "rpn_proposals", dtypes=FLOAT_DTYPES)
     if geometry is not None:
-        geo_args = (list(geometry.cell_anchors), [float(v) for level in geometry.cell_values for row in level for v in row],
-                    [int(v) for hw in geometry.grid_sizes for v in hw], [int(v) for st in geometry.strides for v in st])
-        anchor_table = None
+        geo_args, anchor_table = geometry.flat(), None
     else:
-        geo_args = ([], [], [], [])
-        anchor_table = torch.stack([a.detach() for a in anchors])
+        geo_args, anchor_table = ([], [], [], []), torch.stack([a.detach() for a in anchors])
     return torch.ops.fastmask.rpn_proposals(
         objectness, deltas, anchor_table, *geo_args, [int(v) for hw in image_sizes for v in hw],
         num_anchors_per_level, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, name)
 
 
-def _rpn_proposals_fake(objectness, deltas, anchors, cell_anchors, cell_values, grid_sizes, strides, image_sizes, num_anchors_per_level,
-      pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, backend):
+def _rpn_proposals_fake(objectness, deltas, anchors, cell_anchors, cell_values, grid_sizes, strides, image_sizes,
+                        num_anchors_per_level, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size,
+                        backend):
     b = objectness.shape[0]
     m = min(post_nms_top_n, sum(min(pre_nms_top_n, a) for a in num_anchors_per_level))
     return (deltas.new_empty((b, m, 4)), objectness.new_empty((b, m)),
@@ -347,11 +346,7 @@ def _rpn_proposals_op(objectness: Tensor, deltas: Tensor, anchors: Tensor | None
     sizes = [(image_sizes[i], image_sizes[i + 1]) for i in range(0, len(image_sizes), 2)]
     levels = list(num_anchors_per_level)
     if anchors is None:
-        values, per_level = iter(cell_values), []
-        for cell in cell_anchors:
-            per_level.append(tuple(tuple(next(values) for _ in range(4)) for _ in range(cell.shape[0])))
-        anchors = AnchorGeometry(tuple(cell_anchors), tuple(per_level),
-                                 tuple(zip(grid_sizes[::2], grid_sizes[1::2])), tuple(zip(strides[::2], strides[1::2])), b)
+        anchors = AnchorGeometry.from_flat(cell_anchors, cell_values, grid_sizes, strides, b)
     if backend == "triton":
         cand = rpn_candidates_triton(objectness, deltas, anchors, sizes, levels, pre_nms_top_n, score_thresh, min_size)
     else:

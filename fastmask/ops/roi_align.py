@@ -318,7 +318,8 @@ def _forward_fake(features: Sequence[Tensor], rois: Tensor, output_size: Sequenc
 
 
 def _channels_last(t: Tensor) -> bool:
-    """Whether the Triton kernels treat ``t`` as channels-last (channel stride 1, more than one channel)."""
+    """Whether the Triton kernels treat ``t`` as channels-last: their ``is_channels_last``, restated
+    here so that the torch backend never imports Triton (a test keeps the two equal)."""
     return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1 and not t.is_contiguous()
 
 
@@ -350,7 +351,8 @@ def _multiscale_roi_align_op(features: Sequence[Tensor], rois: Tensor, output_si
 
 def _grad_layout(shapes: Sequence[Sequence[int]], channels_last: Sequence[bool]):
     """Per level: (shape, strides, element offset) of its gradient inside one flat buffer, dense,
-    channels-last where its input was."""
+    channels-last where its input was. The Triton backward writes this layout (its own
+    ``_grad_layout``, on the kernel side of the layering; a test keeps the two equal)."""
     out, total = [], 0
     for (n, c, h, w), cl in zip(shapes, channels_last):
         out.append(((n, c, h, w), (h * w * c, 1, w * c, c) if cl else (c * h * w, h * w, w, 1), total))
@@ -420,7 +422,8 @@ def _roi_align_grad(ctx, grad):
 
 
 def _multiscale_setup(ctx, inputs, output):
-    features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, deterministic, backend = inputs
+    (features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, deterministic,
+     backend) = inputs
     _save_for_backward(ctx, features, rois, dict(
         output_size=list(output_size), scales=list(scales), sampling_ratio=sampling_ratio, aligned=False,
         canonical_scale=canonical_scale, canonical_level=canonical_level, deterministic=deterministic,

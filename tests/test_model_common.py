@@ -86,5 +86,16 @@ def torchvision_mask_rcnn(num_classes: int, seed: int = 0, **kwargs) -> TVMaskRC
 
 
 def capture_proposals(model: torch.nn.Module, store: dict, key: str):
-    """Record the RPN's proposals (its first output) in ``store[key]`` on every call."""
-    return model.rpn.register_forward_hook(lambda m, i, o: store.__setitem__(key, [p.detach() for p in o[0]]))
+    """Record the RPN's proposals (per-image lists) in ``store[key]`` on every call: its forward's
+    first output, or, for fastmask's inference path, what ``propose_padded`` returns, trimmed."""
+    if not hasattr(model.rpn, "propose_padded"):
+        return model.rpn.register_forward_hook(lambda m, i, o: store.__setitem__(key, [p.detach() for p in o[0]]))
+    propose = model.rpn.propose_padded
+
+    def recorded(*args, **kwargs):
+        boxes, counts = propose(*args, **kwargs)
+        store[key] = [b[:c].detach() for b, c in zip(boxes, counts.tolist())]
+        return boxes, counts
+
+    model.rpn.propose_padded = recorded
+    return recorded

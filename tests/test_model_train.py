@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 from helpers import assert_close_verbose
-from test_model_common import SMALL, make_image, make_target, torchvision_mask_rcnn
+from test_model_common import SMALL, capture_proposals, make_image, make_target, torchvision_mask_rcnn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 
 from fastmask.models import build_mask_rcnn, maskrcnn_resnet50_fpn
@@ -124,7 +124,7 @@ def test_autocast_keeps_boxes_in_fp32():
                             **dict(TINY_KW, min_size=48, max_size=64)).eval()
     g = torch.Generator().manual_seed(4)
     store = {}
-    model.rpn.register_forward_hook(lambda m, i, o: store.__setitem__("proposals", o[0]))
+    capture_proposals(model, store, "proposals")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model([make_image(48, 64, g)])
     assert store["proposals"][0].dtype == torch.float32 and len(store["proposals"][0]) > 0

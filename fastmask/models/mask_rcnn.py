@@ -7,6 +7,7 @@ torchvision checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,7 +21,7 @@ from fastmask.ops._backend import check_backend_name
 
 from .fpn import FPN_CHANNELS, ResNetFPN
 from .resnet import NORMS
-from .roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads, RoIHeadsConfig
+from .roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads, RoIHeadsConfig, trim
 from .rpn import RegionProposalNetwork, RPNConfig
 from .transform import RCNNTransform, TransformConfig, check_images, check_targets
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 # Parameters whose shapes depend on the number of classes: the only ones a fine-tuning load
 # may skip.
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 CLASS_DEPENDENT_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
 
@@ -48,13 +50,46 @@ class MaskRCNN(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, transform: RCNNTransform, rpn: RegionProposalNetwork,
-                 roi_heads: RoIHeads, mask_threshold: float | None = None):
+                 roi_heads: RoIHeads, mask_threshold: float | None = None, *, channels_last: bool = False,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.transform = transform
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.mask_threshold = mask_threshold
+        self._channels_last = False
+        self.channels_last = channels_last
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def channels_last(self) -> bool:
+        """Run the convolutions on channels-last (NHWC) tensors: the batch and every 4-d weight
+        are stored channels-last. Setting it converts the weights in place (as
+        ``model.to(memory_format=...)``); a ``state_dict`` is the same either way."""
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"channels_last must be a bool, got {value!r}")
+        if value != self._channels_last:
+            self.to(memory_format=torch.channels_last if value else torch.contiguous_format)
+        self._channels_last = value
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """None (full precision), ``torch.bfloat16`` or ``torch.float16``: inference runs the
+        backbone and heads under ``torch.autocast`` in this dtype (boxes, scores and mask
+        probabilities are still computed and returned in fp32). Training is unaffected: mixed
+        precision there is the trainer's ``--amp``."""
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, value: torch.dtype | None) -> None:
+        if value not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES}, got {value!r}")
+        self._autocast_dtype = value
 
     def set_backend(self, backend: str | None) -> "MaskRCNN":
         """Switch every op of the model to ``backend`` (None, "auto", "triton" or "torch")."""
@@ -67,20 +102,63 @@ class MaskRCNN(nn.Module):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         check_images(images)
-        if self.training:
-            check_targets(targets, images)
-        else:
-            targets = None  # as torchvision: targets are not used for inference
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        if not self.training:  # targets are not used for inference, as torchvision
+            detections = self._detect(images)
+            return trim(detections, [(int(im.shape[-2]), int(im.shape[-1])) for im in images])
+        check_targets(targets, images)
         image_list, targets = self.transform(images, targets)
-        features = self.backbone(image_list.tensors)
+        features = self._features(image_list)
+        proposals, rpn_losses = self.rpn(image_list, features, targets)
+        _, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        return {**roi_losses, **rpn_losses}
+
+    def forward_padded(self, images: list[Tensor] | Tensor) -> dict[str, Tensor]:
+        """Inference with static shapes and no host sync: the path ``model(images)`` takes,
+        before it trims the padding.
+
+        ``images``: a list of float Tensor[3, H, W] in [0, 1], or a batch Tensor[B, 3, H, W].
+        Returns a dict of tensors, D = ``box_detections_per_img``: ``boxes`` Tensor[B, D, 4],
+        ``labels`` int64 Tensor[B, D], ``scores`` Tensor[B, D], ``masks`` Tensor[B, D, 1, H, W]
+        (H, W the largest image size; image i's masks fill its own size), ``counts`` int64
+        Tensor[B] (image i's detections are its first ``counts[i]`` rows, by decreasing
+        score; the other rows are zeros), and ``truncated`` bool Tensor[B] (see
+        ``RoIHeads.postprocess_padded``). Each output's shape depends only on the input shapes,
+        so this path compiles with ``fullgraph=True``, exports with ``torch.export`` and
+        runs in a CUDA graph (``fastmask.inference``). ``fastmask.models.roi_heads.trim``
+        gives ``model(images)``'s lists.
+        """
+        if self.training:
+            raise RuntimeError("forward_padded is for inference: call model.eval() first")
+        if isinstance(images, Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"images must be a list of Tensor[3, H, W] or a Tensor[B, 3, H, W], got "
+                                 f"shape {tuple(images.shape)}")
+            images = list(images.unbind(0))
+        check_images(images)
+        return self._detect(images)
+
+    def _detect(self, images: list[Tensor]) -> dict[str, Tensor]:
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        image_list, _ = self.transform(images)
+        with self._autocast(images[0].device):
+            features = self._features(image_list)
+            proposals, counts = self.rpn.propose_padded(image_list, features)
+            detections = self.roi_heads.detect(features, proposals, counts, image_list.image_sizes)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes, self.mask_threshold)
+
+    def _features(self, image_list) -> dict[str, Tensor]:
+        batch = image_list.tensors
+        if self._channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(batch)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
-        proposals, rpn_losses = self.rpn(image_list, features, targets)
-        detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
-        if self.training:
-            return {**roi_losses, **rpn_losses}
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes, self.mask_threshold)
+        return features
+
+    def _autocast(self, device: torch.device):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self._autocast_dtype)
 
 
 def _pop_config(cls, kwargs: dict, prefix: str, renames: Mapping[str, str] | None = None):
@@ -120,7 +198,11 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
             ``box_fg_iou_thresh``, ``box_bg_iou_thresh``, ``box_batch_size_per_image``,
             ``box_positive_fraction``, ``bbox_reg_weights``; and
             ``rpn_anchor_sizes``, ``rpn_aspect_ratios``, ``mask_threshold`` (None: float masks),
-            ``frozen_bn_eps`` (1e-5; torchvision's COCO checkpoint was made with 0.0).
+            ``frozen_bn_eps`` (1e-5; torchvision's COCO checkpoint was made with 0.0);
+            ``box_candidates_per_img`` (4096: candidates per image sent to the box head's NMS,
+            see ``RoIHeads.postprocess_padded``); ``channels_last`` (False) and
+            ``autocast_dtype`` (None, ``torch.bfloat16`` or ``torch.float16``), the inference
+            settings of :class:`MaskRCNN`.
         Head sizes (defaults keep torchvision's layout; smaller ones make a lighter model
         that trains from scratch but no longer loads torchvision checkpoints):
         ``fpn_channels`` (256; only with a named backbone), ``box_head_dim`` (1024),
@@ -133,6 +215,8 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     kwargs = dict(kwargs)
     mask_threshold = kwargs.pop("mask_threshold", None)
+    channels_last = kwargs.pop("channels_last", False)
+    autocast_dtype = kwargs.pop("autocast_dtype", None)
     frozen_bn_eps = kwargs.pop("frozen_bn_eps", 1e-5)
     fpn_channels = kwargs.pop("fpn_channels", None)
     head_norm = kwargs.pop("head_norm", None)
@@ -166,7 +250,8 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
     roi_heads = RoIHeads(channels, num_classes, roi_cfg, backend=backend, box_roi_pool=box_roi_pool,
                          mask_roi_pool=mask_roi_pool, box_head_dim=box_head_dim,
                          mask_head_channels=mask_head_channels, head_norm=head_norm)
-    return MaskRCNN(backbone, transform, rpn, roi_heads, mask_threshold=mask_threshold)
+    return MaskRCNN(backbone, transform, rpn, roi_heads, mask_threshold=mask_threshold, channels_last=channels_last,
+                    autocast_dtype=autocast_dtype)
 
 
 def maskrcnn_resnet50_fpn(num_classes: int = 91, backend: str | None = None, **kwargs) -> MaskRCNN:

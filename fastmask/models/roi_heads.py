@@ -13,11 +13,14 @@ branch on the positives. The whole batch is handled at once on padded [B, N] ten
 Inference (torchvision's ``postprocess_detections``): per proposal and foreground class, the
 decoded box (clipped to the image) with its softmax score; candidates scoring above
 ``score_thresh`` with sides >= :data:`MIN_DETECTION_SIZE` go through NMS per (image, class)
-and the ``detections_per_img`` best per image are kept; masks are predicted for those.
+and the ``detections_per_img`` best per image are kept; masks are predicted for those. It runs
+on padded [B, M] proposals and returns padded [B, D] detections with a count per image:
+static shapes and no host sync (see :meth:`RoIHeads.postprocess_padded`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmask import ops
-from fastmask.ops._device import to_device_async
+from fastmask.ops._device import cached_table, to_device_async
 
 from .fpn import conv_norm
 from .losses import fastrcnn_losses, mask_loss, mask_targets
@@ -54,6 +57,10 @@ class RoIHeadsConfig:
     bg_iou_thresh: float = 0.5
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
+    # Candidates (proposal, class) per image sent to NMS at inference, the best by score (see
+    # RoIHeads.postprocess_padded); not a torchvision argument. 4096 holds every candidate of
+    # a 1000-proposal image averaging four classes above the score threshold.
+    candidates_per_img: int = 4096
     bbox_reg_weights: tuple[float, float, float, float] | None = None  # None: (10, 10, 5, 5)
 
     @property
@@ -196,87 +203,127 @@ class RoIHeads(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
-                               image_sizes: list[tuple[int, int]]):
-        """Boxes, scores and labels per image (see the module docs), all images in one NMS call.
+    def postprocess_padded(self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor,
+                           proposal_counts: Tensor, image_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """Boxes, scores and labels of a padded batch (see the module docs), with static shapes
+        and no host sync.
 
-        Two host syncs: the number of candidates above the score threshold, and the output
-        lengths (see the comments below).
+        ``proposals``: Tensor[B, M, 4], image i's proposals its first ``proposal_counts[i]``
+        rows; ``class_logits`` Tensor[B * M, C] and ``box_regression`` Tensor[B * M, 4C] for
+        those rows (the other rows' values are ignored). Returns ``boxes`` Tensor[B, D, 4],
+        ``scores`` Tensor[B, D], ``labels`` int64 Tensor[B, D], ``counts`` int64 Tensor[B] and
+        ``truncated`` bool Tensor[B], D = ``detections_per_img``: image i's detections are its
+        first ``counts[i]`` rows by decreasing score; the rows after them are zeros.
+
+        torchvision sends every candidate (proposal, class) that passes the score and size
+        tests to NMS; this sends the best ``candidates_per_img`` of them (K). Greedy NMS
+        decides a box from higher-scored boxes only, so the result is the same unless more
+        than K candidates pass and fewer than D of the best K survive NMS: ``truncated`` marks
+        those images (raise ``box_candidates_per_img`` to widen the bound).
         """
-        device = class_logits.device
-        counts = [len(p) for p in proposals]
-        num_images, num_classes = len(proposals), class_logits.shape[-1]
-        detections_per_img = self.cfg.detections_per_img
-        clip_to = ops.boxes.per_row_image_sizes(image_sizes, counts, device)
-        # Candidates flat, background dropped: candidate r * (C - 1) + (label - 1) is proposal
-        # row r with class label.
-        boxes = ops.decode_boxes(box_regression, torch.cat(proposals), self.cfg.box_weights, clip_to=clip_to,
-                                 backend=self.backend).reshape(-1, num_classes, 4)[:, 1:].reshape(-1, 4)
-        scores = F.softmax(class_logits, -1)[:, 1:].reshape(-1)
-        # The image of each proposal row, from the counts the host knows (asynchronous copy,
-        # and output_size spares repeat_interleave its read of the total).
-        row_image = torch.arange(num_images, device=device).repeat_interleave(
-            to_device_async(counts, torch.int64, device), output_size=sum(counts))
-        wh = boxes[:, 2:] - boxes[:, :2]
-        keep = (scores > self.cfg.score_thresh) & (wh >= MIN_DETECTION_SIZE).all(dim=1)
-        # Host sync 1 of 2 (nonzero): the candidates that survive the score threshold are few
-        # and variable in number; NMS then runs on them only (NMS over every candidate with a
-        # validity mask would cost far more GPU work than this sync).
-        idx = keep.nonzero().squeeze(1)
-        boxes, scores = boxes.index_select(0, idx), scores.index_select(0, idx)
-        labels = idx % (num_classes - 1) + 1
-        image_ids = row_image.index_select(0, idx // (num_classes - 1))
-        # One NMS for the batch: groups are (image, class) pairs. The keep mask needs no sync.
-        kept = ops.nms_keep_mask(boxes, scores, self.cfg.nms_thresh, image_ids * num_classes + labels,
+        cfg = self.cfg
+        b, m = proposals.shape[:2]
+        num_classes = class_logits.shape[-1]
+        c = num_classes - 1  # foreground classes: candidate r * c + (label - 1) is proposal r with label
+        device = proposals.device
+        clip_to = image_size_rows(image_sizes, m, device)
+        boxes = ops.decode_boxes(box_regression, proposals.reshape(-1, 4), cfg.box_weights, clip_to=clip_to,
+                                 backend=self.backend).reshape(b, m, num_classes, 4)[:, :, 1:].reshape(b, m * c, 4)
+        scores = F.softmax(class_logits, -1)[:, 1:].reshape(b, m * c)
+        is_proposal = torch.arange(m, device=device) < proposal_counts[:, None]
+        wh = boxes[..., 2:] - boxes[..., :2]
+        valid = ((scores > cfg.score_thresh) & (wh >= MIN_DETECTION_SIZE).all(dim=-1)
+                 & is_proposal[:, :, None].expand(b, m, c).reshape(b, m * c))
+        # The best K valid candidates of each image, by decreasing score; a stable sort keeps
+        # equal scores in candidate order, the order NMS breaks ties in.
+        k = min(cfg.candidates_per_img, m * c)
+        order = torch.where(valid, scores, -math.inf).sort(dim=1, descending=True, stable=True).indices[:, :k]
+        cand_boxes = boxes.gather(1, order[:, :, None].expand(b, k, 4))
+        cand_scores = scores.gather(1, order)
+        cand_valid = valid.gather(1, order)
+        cand_labels = order % c + 1
+        # One NMS for the batch, groups (image, class); a keep mask needs no sync.
+        kept = ops.nms_keep_mask(cand_boxes, cand_scores, cfg.nms_thresh, cand_labels, cand_valid,
                                  backend=self.backend)
-        # Keep the detections_per_img best of each image. Visit the candidates by image, then
-        # by decreasing score (stable sorts: equal scores in input order, as NMS orders them);
-        # the rank of a kept box inside its image is its rank among all kept boxes minus the
-        # number kept in earlier images.
-        by_score = torch.sort(scores, descending=True, stable=True).indices
-        image_sorted, by_image = torch.sort(image_ids[by_score], stable=True)
-        order = by_score[by_image]
-        kept_sorted = kept[order]
-        per_image = torch.zeros(num_images, dtype=torch.int64, device=device).index_add_(0, image_ids, kept.long())
-        first = torch.cumsum(per_image, 0) - per_image
-        rank = torch.cumsum(kept_sorted, 0) - 1 - first[image_sorted]
-        chosen = kept_sorted & (rank < detections_per_img)
-        out_counts = per_image.clamp(max=detections_per_img).tolist()  # host sync 2 of 2: output lengths
-        # The chosen positions first, still in order (a stable sort: no sync, the total is known).
-        sel = order[torch.sort((~chosen).to(torch.uint8), stable=True).indices[:sum(out_counts)]]
-        return (_split(boxes[sel], out_counts), _split(scores[sel], out_counts), _split(labels[sel], out_counts))
+        # The candidates are in score order: the first D kept of each image are its detections.
+        d = cfg.detections_per_img
+        chosen = kept & (torch.cumsum(kept, dim=1) <= d)
+        counts = chosen.sum(dim=1)
+        width = min(d, k)
+        # The chosen positions first, still in order (a stable sort of a 0/1 key).
+        pos = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        is_det = torch.arange(width, device=device) < counts[:, None]
+        out = {"boxes": torch.where(is_det[:, :, None], cand_boxes.gather(1, pos[:, :, None].expand(b, width, 4)), 0.0),
+               "scores": torch.where(is_det, cand_scores.gather(1, pos), 0.0),
+               "labels": torch.where(is_det, cand_labels.gather(1, pos), 0)}
+        if width < d:  # fewer candidates than detection slots: pad to D rows
+            out = {key: F.pad(v, (0, 0, 0, d - width) if v.dim() == 3 else (0, d - width)) for key, v in out.items()}
+        out["counts"] = counts
+        out["truncated"] = (valid.sum(dim=1) > k) & (counts < d)
+        return out
+
+    def detect(self, features: dict[str, Tensor], proposals: Tensor, proposal_counts: Tensor,
+               image_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """Inference on a padded batch of proposals (Tensor[B, M, 4] and their counts, as
+        ``ops.rpn_proposals_padded`` returns them): :meth:`postprocess_padded`'s outputs plus
+        ``masks`` Tensor[B, D, 1, 28, 28], the probability mask of each detection's class
+        (zeros on the padding rows). Static shapes, no host sync."""
+        b, m = proposals.shape[:2]
+        box_features = self.box_head(self.box_roi_pool(features, list(proposals.unbind(0)), image_sizes))
+        class_logits, box_regression = map(full_precision, self.box_predictor(box_features))
+        det = self.postprocess_padded(class_logits, box_regression, proposals, proposal_counts, image_sizes)
+        boxes = det["boxes"]
+        d = boxes.shape[1]
+        mask_logits = full_precision(self.mask_predictor(self.mask_head(
+            self.mask_roi_pool(features, list(boxes.unbind(0)), image_sizes))))
+        # The mask of each detection's own class; sigmoid after the selection (same values,
+        # C times fewer). Padding rows get zeros, so pasting them gives empty masks.
+        labels = det["labels"].reshape(-1)
+        probs = mask_logits[torch.arange(b * d, device=labels.device), labels].sigmoid()
+        is_det = torch.arange(d, device=labels.device) < det["counts"][:, None]
+        det["masks"] = torch.where(is_det.reshape(-1, 1, 1), probs, 0.0).reshape(b, d, 1, *probs.shape[-2:])
+        return det
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict] | None = None):
-        if self.training:
-            if targets is None:
-                raise ValueError("targets must be given in training mode")
-            proposals, labels, matched, pos_targets, pos_rows, num_pos = self.select_training_samples(
-                proposals, targets)
+        if not self.training:  # torchvision's interface: per-image lists in, per-image dicts out
+            padded, _ = pad_boxes(proposals)
+            counts = to_device_async([len(p) for p in proposals], torch.int64, padded.device)
+            return trim(self.detect(features, padded, counts, image_sizes)), {}
+        if targets is None:
+            raise ValueError("targets must be given in training mode")
+        proposals, labels, matched, pos_targets, pos_rows, num_pos = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
         class_logits, box_regression = map(full_precision, self.box_predictor(box_features))
+        loss_classifier, loss_box_reg = fastrcnn_losses(class_logits, box_regression, labels, pos_targets, pos_rows)
+        pos_boxes = _split(torch.cat(proposals)[pos_rows], num_pos)
+        mask_logits = full_precision(
+            self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_boxes, image_sizes))))
+        targets_m = mask_targets([t["masks"] for t in targets], pos_boxes, _split(matched[pos_rows], num_pos),
+                                 mask_logits.shape[-1], backend=self.backend)
+        loss_m = mask_loss(mask_logits, labels[pos_rows], targets_m)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_m}
 
-        if self.training:
-            loss_classifier, loss_box_reg = fastrcnn_losses(class_logits, box_regression, labels, pos_targets,
-                                                            pos_rows)
-            pos_boxes = _split(torch.cat(proposals)[pos_rows], num_pos)
-            mask_logits = full_precision(
-                self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_boxes, image_sizes))))
-            targets_m = mask_targets([t["masks"] for t in targets], pos_boxes, _split(matched[pos_rows], num_pos),
-                                     mask_logits.shape[-1], backend=self.backend)
-            loss_m = mask_loss(mask_logits, labels[pos_rows], targets_m)
-            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_m}
 
-        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
-        counts = [len(b) for b in boxes]
-        mask_logits = full_precision(self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes,
-                                                                                           image_sizes))))
-        # The mask of each detection's own class; sigmoid after the selection (same values,
-        # C times fewer).
-        all_labels = torch.cat(labels)
-        probs = mask_logits[torch.arange(len(all_labels), device=all_labels.device), all_labels][:, None].sigmoid()
-        detections = [{"boxes": b, "labels": l, "scores": s, "masks": m}
-                      for b, l, s, m in zip(boxes, labels, scores, _split(probs, counts))]
-        return detections, {}
+def image_size_rows(image_sizes: list[tuple[int, int]], rows: int, device: torch.device) -> Tensor:
+    """Float Tensor[B * rows, 2]: each image's ``(h, w)`` repeated for its ``rows`` rows (the
+    per-row ``clip_to`` of ``ops.decode_boxes``), from a cached table: no copy on a repeat call."""
+    sizes = cached_table(tuple(float(v) for hw in image_sizes for v in hw), torch.float32, device)
+    return sizes.view(-1, 1, 2).expand(len(image_sizes), rows, 2).reshape(-1, 2)
+
+
+def trim(detections: dict[str, Tensor], image_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+    """Per-image dicts (``boxes``, ``labels``, ``scores``, ``masks``) of the first ``counts[i]``
+    rows of padded detections; ``image_sizes`` crops image i's masks to its size. One host
+    sync (the counts), at the user's boundary."""
+    counts = detections["counts"].tolist()  # host sync: the per-image lengths
+    out = []
+    for i, c in enumerate(counts):
+        det = {k: detections[k][i, :c] for k in ("boxes", "labels", "scores", "masks") if k in detections}
+        if image_sizes is not None and "masks" in det:
+            h, w = image_sizes[i]
+            det["masks"] = det["masks"][..., :h, :w].contiguous()
+        out.append(det)
+    return out

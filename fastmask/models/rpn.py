@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmask import ops
-from fastmask.ops.proposals import rpn_proposals
+from fastmask.ops.proposals import rpn_proposals, rpn_proposals_padded
 
 from .losses import rpn_losses
 from .sampling import Matcher, pad_boxes, sample_balanced
@@ -143,7 +143,9 @@ class RegionProposalNetwork(nn.Module):
         labels = torch.where(matches == Matcher.BETWEEN_THRESHOLDS, -1.0, labels)
         return labels, matches.clamp(min=0), gt
 
-    def forward(self, images: ImageList, features: dict[str, Tensor], targets: list[dict] | None = None):
+    def _head(self, images: ImageList, features: dict[str, Tensor]):
+        """The head's outputs flattened over levels (objectness Tensor[B, A], deltas
+        Tensor[B, A, 4], in full precision), the anchors and the anchors per level."""
         feats = list(features.values())
         logits, deltas = self.head(feats)
         num_anchors_per_level = [level[0].numel() for level in logits]
@@ -154,13 +156,27 @@ class RegionProposalNetwork(nn.Module):
         gen = self.anchor_generator
         grids = _anchor_grids(feats)
         anchors = gen.geometry(images, grids) if hasattr(gen, "geometry") else gen(images, grids)
+        return objectness, deltas, anchors, num_anchors_per_level
+
+    def _select(self, select, objectness: Tensor, deltas: Tensor, anchors, images: ImageList,
+                num_anchors_per_level: list[int]):
         pre_nms_top_n, post_nms_top_n = self._top_n(self.training)
         # Proposals are not back-propagated through (Faster R-CNN's approximate joint training).
-        proposals, _ = rpn_proposals(objectness.detach(), deltas.detach(), anchors, images.image_sizes,
-                                     num_anchors_per_level, pre_nms_top_n=pre_nms_top_n,
-                                     post_nms_top_n=post_nms_top_n, nms_thresh=self.cfg.nms_thresh,
-                                     score_thresh=self.cfg.score_thresh, min_size=RPN_MIN_BOX_SIZE,
-                                     backend=self.backend)
+        return select(objectness.detach(), deltas.detach(), anchors, images.image_sizes, num_anchors_per_level,
+                      pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_thresh=self.cfg.nms_thresh,
+                      score_thresh=self.cfg.score_thresh, min_size=RPN_MIN_BOX_SIZE, backend=self.backend)
+
+    def propose_padded(self, images: ImageList, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Proposals with static shapes and no host sync: Tensor[B, M, 4] (image i's are its
+        first ``counts[i]`` rows, by decreasing objectness) and counts int64 Tensor[B],
+        M = ``post_nms_top_n`` (or fewer when the levels hold fewer candidates)."""
+        objectness, deltas, anchors, per_level = self._head(images, features)
+        boxes, _, counts = self._select(rpn_proposals_padded, objectness, deltas, anchors, images, per_level)
+        return boxes, counts
+
+    def forward(self, images: ImageList, features: dict[str, Tensor], targets: list[dict] | None = None):
+        objectness, deltas, anchors, num_anchors_per_level = self._head(images, features)
+        proposals, _ = self._select(rpn_proposals, objectness, deltas, anchors, images, num_anchors_per_level)
         losses = {}
         if self.training:
             if targets is None:

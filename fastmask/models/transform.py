@@ -19,6 +19,7 @@ with torch's RNG, consuming it as torchvision does, so seeded runs agree with to
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmask import ops
-from fastmask.ops._device import device_constant
+from fastmask.ops._checks import data_checks_enabled
+from fastmask.ops._device import cached_table, device_constant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +65,9 @@ class TransformConfig:
 def check_images(images) -> None:
     """Raise ValueError/TypeError unless ``images`` is a non-empty list of finite float [3, H, W] tensors.
 
-    The finiteness test reads the images: it is one host sync per call for all images.
+    The finiteness test reads the images; it runs where the ops' data checks run
+    (``fastmask.ops._checks.data_checks_enabled``: CPU tensors, or ``FASTMASK_CHECKS=1``), as
+    one host sync for all images, and never while tracing.
     """
     if isinstance(images, Tensor) or not isinstance(images, (list, tuple)):
         raise ValueError(f"images must be a list of Tensor[3, H, W], got {type(images).__name__}"
@@ -81,6 +85,8 @@ def check_images(images) -> None:
             raise ValueError(f"images[{i}] is empty: shape {tuple(im.shape)}")
         if im.device != images[0].device:
             raise ValueError(f"images[{i}] is on {im.device} but images[0] is on {images[0].device}")
+    if not data_checks_enabled(images[0]):
+        return
     finite = torch.stack([torch.isfinite(im).all() for im in images])
     if not bool(finite.all()):  # host sync: input validation
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
@@ -143,6 +149,16 @@ def check_targets(targets, images, need_masks: bool = True) -> None:
 # --------------------------------------------------------------------------- transform
 
 
+def _ratios(new_size: Sequence[int], original_size: Sequence[int]) -> tuple[float, float]:
+    """(h, w) scale factors as torchvision computes them, float32 quotients, as Python floats.
+
+    Pure Python (no tensor, so nothing to trace): the quotient in float64 rounded to float32
+    is the correctly rounded float32 quotient, since float64 carries more than 2 * 24 + 2 bits
+    (double rounding is then innocuous for a division)."""
+    return tuple(struct.unpack("f", struct.pack("f", float(s) / float(o)))[0]
+                 for s, o in zip(new_size, original_size))
+
+
 def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
     """Scale boxes Tensor[N, 4] from an image of ``original_size`` (h, w) to ``new_size``.
 
@@ -151,8 +167,7 @@ def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence
     columns multiplied by them in place on a copy: no host-to-device copy. The result has
     the dtype ``boxes * float32 tensor`` has (fp16/bf16 boxes give fp32).
     """
-    rh, rw = ((torch.tensor(float(s), dtype=torch.float32) / torch.tensor(float(o), dtype=torch.float32)).item()
-              for s, o in zip(new_size, original_size))  # CPU scalars: no device sync
+    rh, rw = _ratios(new_size, original_size)
     out = boxes.to(torch.promote_types(boxes.dtype, torch.float32), copy=True)
     out[:, 0::2] *= rw
     out[:, 1::2] *= rh
@@ -228,19 +243,37 @@ class RCNNTransform(nn.Module):
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in out_images]
         return ImageList(self.batch_images(out_images), sizes), (out_targets if targets is not None else None)
 
-    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
-                    original_sizes: list[tuple[int, int]], mask_threshold: float | None = None) -> list[dict]:
-        """Map boxes to the original image sizes and paste the masks Tensor[N, 1, M, M] into them.
-
-        The masks become Tensor[N, 1, H, W]: float probabilities, or, when ``mask_threshold`` is
-        given, bool ``probability > mask_threshold`` (``paste_masks`` thresholds as it pastes).
+    def postprocess(self, detections: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]], mask_threshold: float | None = None) -> dict[str, Tensor]:
+        """Map padded detections (``boxes`` Tensor[B, D, 4], ``masks`` Tensor[B, D, 1, M, M]) back
+        to the original image sizes: boxes scaled, masks pasted into Tensor[B, D, 1, H, W]
+        with (H, W) the largest original size (image i's masks fill its top-left
+        ``original_sizes[i]``; zeros elsewhere). Masks are float probabilities, or, with
+        ``mask_threshold``, bool ``probability > mask_threshold`` (``paste_masks`` thresholds
+        as it pastes). Static shapes, no host sync; the other entries pass through.
         """
-        for det, size, orig in zip(detections, image_sizes, original_sizes):  # images differ in size
-            det["boxes"] = resize_boxes(det["boxes"], size, orig)
-            if "masks" in det:
-                det["masks"] = ops.paste_masks(det["masks"], det["boxes"], orig, padding=MASK_PASTE_PADDING,
-                                               threshold=mask_threshold, backend=self.backend)
-        return detections
+        out = dict(detections)
+        boxes = detections["boxes"]
+        # The ratios as torchvision computes them (float32 quotients, see resize_boxes) in
+        # one cached [B, 1, 4] table: one multiply for the batch, bitwise per-image results.
+        ratios = [_ratios(orig, size) for size, orig in zip(image_sizes, original_sizes)]
+        table = cached_table(tuple(v for rh, rw in ratios for v in (rw, rh, rw, rh)), torch.float32, boxes.device)
+        out["boxes"] = boxes * table.view(-1, 1, 4)
+        if "masks" not in detections:
+            return out
+        masks, boxes = detections["masks"], out["boxes"]
+        b, d = masks.shape[:2]
+        paste = dict(padding=MASK_PASTE_PADDING, threshold=mask_threshold, backend=self.backend)
+        if len(set(original_sizes)) == 1:  # one paste for the batch
+            pasted = ops.paste_masks(masks.flatten(0, 1), boxes.flatten(0, 1), original_sizes[0], **paste)
+            out["masks"] = pasted.view(b, d, 1, *original_sizes[0])
+        else:  # images differ in size: one paste each, into the shared canvas
+            h, w = (max(s[0] for s in original_sizes), max(s[1] for s in original_sizes))
+            canvas = masks.new_zeros((b, d, 1, h, w), dtype=torch.bool if mask_threshold is not None else masks.dtype)
+            for i, (oh, ow) in enumerate(original_sizes):
+                canvas[i, :, :, :oh, :ow] = ops.paste_masks(masks[i], boxes[i], (oh, ow), **paste)
+            out["masks"] = canvas
+        return out
 
     def extra_repr(self) -> str:
         return (f"min_size={self.min_size}, max_size={self.max_size}, mean={self.image_mean}, "

@@ -8,6 +8,7 @@ block alive until the copy has run), or copy constants once and keep them.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Sequence
 
@@ -38,3 +39,38 @@ def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> 
     """
     with torch.inference_mode(False):
         return torch.tensor(values, dtype=dtype).to(device)
+
+
+# Tables of per-call host values (image sizes, level geometry) that repeat from call to call,
+# keyed by (values, dtype, device, stream). Bounded: a stream of new image sizes drops the
+# oldest first.
+_TABLE_CACHE_SIZE = 256
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+def cached_table(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The flat ``values`` as a ``dtype`` Tensor on ``device``, copied once per distinct value,
+    device and stream, asynchronously, and kept. Callers must not modify it.
+
+    A call that finds its table issues no copy: this is what lets a CUDA graph capture the
+    model's path (a copy captured from pinned memory would replay whatever that memory holds
+    at replay time; a cached table is already on the device and stays there). On CUDA the
+    copy is from pinned memory on the current stream, so the table is ordered before that
+    stream's later work; another stream gets its own copy.
+    """
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (values, dtype, device, stream)
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table[0]
+    with torch.inference_mode(False):  # usable in any mode, as device_constant
+        host = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        table = (host.to(device, non_blocking=True), host)  # the pinned source lives with the table
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table[0]

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ._backend import resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
-from ._device import to_device_async
+from ._device import cached_table
 from ._library import register
 from .anchors import AnchorGeometry
 from .boxes import BBOX_XFORM_CLIP, _image_size, decode_boxes_ref, per_row_image_sizes
@@ -151,7 +151,7 @@ def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | 
     device = objectness.device
     logits, idx, ks = level_topk(objectness, num_anchors_per_level, pre_nms_top_n)
     scores = torch.sigmoid(logits)
-    # One small int64 table, one asynchronous copy: per level (start column, first anchor,
+    # One small int64 table, copied to the device once per geometry (cached): per level (start column, first anchor,
     # cells per location, grid width, stride_y, stride_x), then the cell anchors padded to
     # the widest level, then each image's (h, w).
     num_levels = len(ks)
@@ -171,7 +171,7 @@ def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | 
         values += [int(v) for row in c for v in row] + [0] * (4 * (max_cells - len(c)))
     for h, w in image_sizes:
         values += [int(h), int(w)]
-    table = to_device_async(values, torch.int64, device)
+    table = cached_table(tuple(values), torch.int64, device)  # a repeat call copies nothing
     n_level = num_levels * 6
     n_cells = num_levels * max_cells * 4
     level_table = table[:n_level].view(num_levels, 6)

@@ -36,5 +36,6 @@ def _source_kernels() -> None:
 _source_kernels()
 
 from .models import MaskRCNN, build_mask_rcnn, load_weights, maskrcnn_resnet50_fpn  # noqa: E402
+from . import inference  # noqa: E402  (static-shape inference: export, CUDA graphs)
 
 __all__ = ["MaskRCNN", "build_mask_rcnn", "load_weights", "maskrcnn_resnet50_fpn", "__version__"]

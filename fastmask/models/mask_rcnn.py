@@ -158,7 +158,9 @@ class MaskRCNN(nn.Module):
     def _autocast(self, device: torch.device):
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self._autocast_dtype)
+        # No cast cache: a graph capture would free the cached casts when the region ends (the
+        # CUDA graph notes' rule); at inference each weight is cast about once per call anyway.
+        return torch.autocast(device.type, dtype=self._autocast_dtype, cache_enabled=False)
 
 
 def _pop_config(cls, kwargs: dict, prefix: str, renames: Mapping[str, str] | None = None):

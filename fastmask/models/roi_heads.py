@@ -21,6 +21,7 @@ static shapes and no host sync (see :meth:`RoIHeads.postprocess_padded`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -317,8 +318,18 @@ def image_size_rows(image_sizes: list[tuple[int, int]], rows: int, device: torch
 def trim(detections: dict[str, Tensor], image_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
     """Per-image dicts (``boxes``, ``labels``, ``scores``, ``masks``) of the first ``counts[i]``
     rows of padded detections; ``image_sizes`` crops image i's masks to its size. One host
-    sync (the counts), at the user's boundary."""
-    counts = detections["counts"].tolist()  # host sync: the per-image lengths
+    sync (the counts, and the ``truncated`` flags with them), at the user's boundary; warns
+    when an image was truncated (see :meth:`RoIHeads.postprocess_padded`)."""
+    counts = detections["counts"]
+    if "truncated" in detections:
+        counts, truncated = torch.stack([counts, detections["truncated"].to(counts.dtype)]).tolist()  # host sync
+        if any(truncated):
+            warnings.warn(f"images {[i for i, t in enumerate(truncated) if t]}: more candidates passed the score "
+                          "threshold than the box head's NMS takes (box_candidates_per_img), and fewer than "
+                          "box_detections_per_img of those it took survived; their detections may differ from "
+                          "torchvision's. Raise box_candidates_per_img.", stacklevel=2)
+    else:
+        counts = counts.tolist()  # host sync: the per-image lengths
     out = []
     for i, c in enumerate(counts):
         det = {k: detections[k][i, :c] for k in ("boxes", "labels", "scores", "masks") if k in detections}

@@ -29,14 +29,22 @@ def to_device_async(values: Sequence | Tensor, dtype: torch.dtype, device: torch
     return t.to(device)
 
 
-@functools.lru_cache(maxsize=64)
 def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A cached ``dtype`` Tensor of the constants ``values`` on ``device``, copied once.
 
     Callers must not modify it. The one copy is blocking (a single sync, on first use), so
     the tensor is safe to read from any stream afterwards. It is built outside inference
-    mode so that operations in normal mode can also save it for backward.
+    mode so that operations in normal mode can also save it for backward. While
+    ``torch.compile`` or ``torch.export`` traces, it is a constant of the graph instead (a
+    traced tensor must not enter the cache).
     """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _device_constant(values, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     with torch.inference_mode(False):
         return torch.tensor(values, dtype=dtype).to(device)
 
@@ -56,8 +64,11 @@ def cached_table(values: tuple, dtype: torch.dtype, device: torch.device) -> Ten
     model's path (a copy captured from pinned memory would replay whatever that memory holds
     at replay time; a cached table is already on the device and stays there). On CUDA the
     copy is from pinned memory on the current stream, so the table is ordered before that
-    stream's later work; another stream gets its own copy.
+    stream's later work; another stream gets its own copy. While ``torch.compile`` or
+    ``torch.export`` traces, the table is a constant of the graph (never cached).
     """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
     device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     key = (values, dtype, device, stream)

@@ -8,6 +8,10 @@ low-level ``torch.library.Library`` API, one kernel for every device
 where ``torch.library.custom_op`` measured 25-50 us (its per-call wrappers: autograd
 redispatch, a dynamo guard, an aliasing check). Ops with gradients (RoI Align) add
 ``torch.library.register_autograd``; the others are not differentiable.
+
+The ops are not autocast-aware: they run in their inputs' dtypes. Under ``torch.autocast`` a
+kernel for the autocast keys turns autocast off for the op's body, so that the reference
+implementations' own matrix products (mask paste, RoI Align) do not drop to fp16/bf16.
 """
 
 from __future__ import annotations
@@ -31,8 +35,20 @@ def register(schema: str, fake: Callable) -> Callable:
     def wrap(fn: Callable) -> Callable:
         _LIB.define(schema)
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        for key, device_type in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
+            _LIB.impl(name, _without_autocast(name, device_type), key)
         torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
         IMPLS[name] = fn
         return fn
 
     return wrap
+
+
+def _without_autocast(name: str, device_type: str) -> Callable:
+    """The op's kernel under autocast: the same op, called again with autocast off."""
+
+    def kernel(*args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return getattr(torch.ops.fastmask, name)(*args, **kwargs)
+
+    return kernel

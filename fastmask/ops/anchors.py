@@ -141,7 +141,10 @@ class AnchorGenerator(nn.Module):
             check_backend_name(backend)
         self.backend = backend
         self._cell_cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, ...]] = {}
-        self._value_cache: dict[torch.dtype, tuple] = {}
+        # The cell anchors on the CPU and as host values, computed here, eagerly: a model
+        # traced by torch.compile / torch.export then reads only Python numbers.
+        self._cpu_cells = tuple(self.generate_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios))
+        self._value_cache: dict[torch.dtype, tuple] = {dt: self._values(dt) for dt in FLOAT_DTYPES}
 
     @staticmethod
     def generate_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
@@ -159,19 +162,25 @@ class AnchorGenerator(nn.Module):
         return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
     def cell_anchors(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple[Tensor, ...]:
-        """Per level Tensor[A_l, 4] cell anchors in ``dtype`` on ``device`` (cached)."""
+        """Per level Tensor[A_l, 4] cell anchors in ``dtype`` on ``device`` (cached; while
+        ``torch.compile`` / ``torch.export`` traces, constants of the graph, not cached)."""
         key = (dtype, torch.device(device))
-        if key not in self._cell_cache:
-            self._cell_cache[key] = tuple(self.generate_anchors(s, r).to(dtype=dtype, device=device)
-                                          for s, r in zip(self.sizes, self.aspect_ratios))
+        if key in self._cell_cache:
+            return self._cell_cache[key]
+        if torch.compiler.is_compiling():
+            return tuple(torch.tensor(v, dtype=dtype, device=device) for v in self.cell_values(dtype))
+        self._cell_cache[key] = tuple(a.to(dtype=dtype, device=device) for a in self._cpu_cells)
         return self._cell_cache[key]
 
     def cell_values(self, dtype: torch.dtype = torch.float32) -> tuple:
         """Per level, the cell anchors in ``dtype`` as host floats (cached; see AnchorGeometry)."""
-        if dtype not in self._value_cache:  # read from the CPU copy: no device sync
-            self._value_cache[dtype] = tuple(tuple(tuple(row) for row in a.double().tolist())
-                                             for a in self.cell_anchors(dtype, "cpu"))
+        if dtype not in self._value_cache:
+            self._value_cache[dtype] = self._values(dtype)
         return self._value_cache[dtype]
+
+    def _values(self, dtype: torch.dtype) -> tuple:
+        # Read from the CPU copies: no device sync.
+        return tuple(tuple(tuple(row) for row in a.to(dtype).double().tolist()) for a in self._cpu_cells)
 
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]

@@ -8,6 +8,8 @@ module packages it:
 - :class:`StaticDetector` wraps a model as a module whose ``forward(images: Tensor[B, 3, H, W])``
   is that path, the form ``torch.export.export`` and ``torch.compile(fullgraph=True)`` take;
   :func:`export` exports it for one input shape.
+- :func:`export_onnx` writes it as an ONNX model whose fastmask ops are nodes of a custom
+  ``fastmask`` domain (a runtime needs kernels for those five ops; onnxruntime has none).
 - :func:`capture` records the path in a CUDA graph for one batch size and image size and
   returns a :class:`CapturedDetector`: each call copies the images in, replays the graph (one
   launch from the host for the whole model) and returns the padded outputs.
@@ -28,19 +30,24 @@ from fastmask.models.mask_rcnn import MaskRCNN
 from fastmask.models.roi_heads import trim
 from fastmask.ops._checks import CHECKS_ENV_VAR
 
-__all__ = ["StaticDetector", "export", "capture", "CapturedDetector", "trim"]
+__all__ = ["StaticDetector", "export", "export_onnx", "capture", "CapturedDetector", "trim"]
+
+# The fastmask ops the static path calls: what export_onnx translates to custom-domain nodes.
+ONNX_OPS = ("rpn_proposals", "multiscale_roi_align", "decode_boxes", "nms_keep_mask", "paste_masks")
+ONNX_DOMAIN = "fastmask"
 
 
 class StaticDetector(nn.Module):
     """``model.forward_padded`` as a module: ``forward(images Tensor[B, 3, H, W]) -> dict`` of
     ``boxes``, ``labels``, ``scores``, ``masks``, ``counts``, ``truncated`` (see
-    ``MaskRCNN.forward_padded``). The model must be in eval mode."""
+    ``MaskRCNN.forward_padded``). Inference only: wrapping puts the model in eval mode."""
 
     def __init__(self, model: MaskRCNN):
         super().__init__()
         if not isinstance(model, MaskRCNN):
             raise TypeError(f"model must be a fastmask MaskRCNN, got {type(model).__name__}")
         self.model = model
+        self.eval()
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.model.forward_padded(images)
@@ -55,6 +62,88 @@ def export(model: MaskRCNN, images: Tensor) -> torch.export.ExportedProgram:
     _check_eval(model)
     with torch.no_grad():
         return torch.export.export(StaticDetector(model), (images,))
+
+
+def export_onnx(model: MaskRCNN, images: Tensor, path: str, **kwargs) -> None:
+    """Write the static path for the shape of ``images`` Tensor[B, 3, H, W] to the ONNX file
+    ``path`` (``torch.onnx.export`` with ``dynamo=True``; ``kwargs`` go to it).
+
+    Each fastmask op becomes one node of the custom domain ``fastmask`` (version 1) named after
+    it in CamelCase (``RpnProposals``, ``MultiscaleRoiAlign``, ``DecodeBoxes``,
+    ``NmsKeepMask``, ``PasteMasks``): the op's tensor arguments are the node's inputs (a tensor
+    list last, as variadic inputs), its other arguments attributes (bools as ints; the
+    backend is dropped). ``onnx.checker`` accepts the model; running it needs a runtime with
+    kernels for those five ops (onnxruntime refuses to load it without them). The outputs are
+    named ``boxes, scores, labels, counts, truncated, masks``. Needs the ``onnx`` and
+    ``onnxscript`` packages (``pip install "fastmask[onnx]"``).
+    """
+    _check_eval(model)
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError('export_onnx needs the onnx and onnxscript packages: pip install "fastmask[onnx]"') from e
+    table = {getattr(torch.ops.fastmask, name).default: _onnx_node(name) for name in ONNX_OPS}
+    table[torch.ops.aten.sort.stable] = _onnx_stable_sort
+    kwargs.setdefault("output_names", ["boxes", "scores", "labels", "counts", "truncated", "masks"])
+    with torch.no_grad():
+        torch.onnx.export(StaticDetector(model), (images,), path, dynamo=True, custom_translation_table=table,
+                          **kwargs)
+
+
+def _onnx_node(name: str):
+    """A translation of ``fastmask::name`` into one custom-domain node, built from the op's schema."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    schema = getattr(torch.ops.fastmask, name).default._schema
+    option = OpSchema.FormalParameterOption
+    attr_types = {"int": OpSchema.AttrType.INT, "bool": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT,
+                  "List[int]": OpSchema.AttrType.INTS, "List[float]": OpSchema.AttrType.FLOATS}
+    inputs, attrs = [], []  # (argument name, option) and (argument name, ONNX type, required)
+    for arg in schema.arguments:
+        kind = str(arg.type)
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        if kind == "Tensor":
+            inputs.append((arg.name, option.Optional if optional else option.Single))
+        elif kind == "List[Tensor]":
+            inputs.append((arg.name, option.Variadic))
+        elif kind in attr_types:
+            attrs.append((arg.name, attr_types[kind], not optional))
+        elif arg.name != "backend":
+            raise TypeError(f"fastmask::{name}: no ONNX form for argument {arg.name} of type {arg.type}")
+    inputs.sort(key=lambda item: item[1] == option.Variadic)  # ONNX: a variadic input comes last
+    types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)", "tensor(int64)",
+             "tensor(int32)", "tensor(bool)", "tensor(uint8)"]
+    onnx_schema = OpSchema(
+        "".join(part.capitalize() for part in name.split("_")), ONNX_DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter(n, f"T{i}", param_option=o) for i, (n, o) in enumerate(inputs)],
+        outputs=[OpSchema.FormalParameter(f"out{i}", f"Y{i}") for i in range(len(schema.returns))],
+        type_constraints=[(f"T{i}", types, "") for i in range(len(inputs))]
+        + [(f"Y{i}", types, "") for i in range(len(schema.returns))],
+        attributes=[OpSchema.Attribute(n, t, "", required=r) for n, t, r in attrs])
+    # Not registered with onnx.defs: a registered schema has no type inference, and the
+    # exporter's optimiser would then drop the outputs' types.
+    op = onnxscript.values.Op(onnxscript.values.Opset(ONNX_DOMAIN, 1), onnx_schema.name, onnx_schema)
+    names = [a.name for a in schema.arguments]
+
+    def translate(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        node_inputs = {n: (list(bound[n]) if o == option.Variadic else bound[n]) for n, o in inputs}
+        node_attrs = {n: (int(bound[n]) if isinstance(bound[n], bool) else bound[n])
+                      for n, _, _ in attrs if bound.get(n) is not None}
+        # Inputs by keyword: the exporter's recorder mis-binds a positional variadic input.
+        return op(**node_inputs, **node_attrs)
+
+    return translate
+
+
+def _onnx_stable_sort(x, stable=None, dim=-1, descending=False):
+    """``aten.sort.stable`` (the static path's stable sorts) as ONNX TopK, which keeps equal
+    values in index order: a stable sort."""
+    from onnxscript.function_libs.torch_lib.ops.core import aten_sort
+
+    return aten_sort(x, dim=dim, descending=descending)
 
 
 def _check_eval(model: nn.Module) -> None:

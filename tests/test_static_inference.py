@@ -252,3 +252,30 @@ def test_model_warns_when_the_candidate_bound_bites():
     with torch.no_grad(), pytest.warns(UserWarning, match="box_candidates_per_img"):
         out = model(_images([(96, 120)]))
     assert len(out[0]["boxes"]) <= 8
+
+
+@pytest.mark.model
+def test_export_onnx_with_custom_domain_nodes(tmp_path):
+    """ONNX export of the static path: the checker accepts it, each fastmask op is one node of
+    the ``fastmask`` domain with its tensor inputs, and the outputs have their static shapes."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = _model()
+    images = torch.stack(_images([(96, 120)]))
+    path = tmp_path / "static.onnx"
+    fastmask.inference.export_onnx(model, images, str(path))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert ("fastmask", 1) in [(o.domain, o.version) for o in proto.opset_import]
+    custom = [n for n in proto.graph.node if n.domain == "fastmask"]
+    assert sorted(n.op_type for n in custom) == ["DecodeBoxes", "MultiscaleRoiAlign", "MultiscaleRoiAlign",
+                                                  "NmsKeepMask", "PasteMasks", "RpnProposals"]
+    roi = next(n for n in custom if n.op_type == "MultiscaleRoiAlign")
+    assert len(roi.input) == 1 + 4  # the RoIs, then the four feature maps (variadic, last)
+    with torch.no_grad():
+        want = model.forward_padded(images)
+    out = {o.name: o.type.tensor_type for o in proto.graph.output}
+    assert list(out) == ["boxes", "scores", "labels", "counts", "truncated", "masks"]
+    for name, t in out.items():
+        assert [d.dim_value for d in t.shape.dim] == list(want[name].shape), name
+    assert out["labels"].elem_type == onnx.TensorProto.INT64 and out["masks"].elem_type == onnx.TensorProto.FLOAT

@@ -7,7 +7,18 @@ SGD step) at batch 2, in fp32, TF32 and bf16 autocast; channels-last as an extra
 detections, as a trained model does on a busy image: post-processing then does its full
 work (100 masks pasted per image).
 
-Also a breakdown of inference time (backbone, RPN, RoI heads, the rest: transform and
+Inference providers, per batch and precision:
+- ``torchvision``, ``fastmask-<backend>``: eager ``model(images)``, per-image lists out (for
+  fastmask: the static path, then one host sync to trim the padding);
+- ``fastmask-<backend> static``: ``model.forward_padded(images)``, padded outputs left on the
+  device (no host sync); timed for the backend that is the product on the device (Triton on
+  a GPU, the reference on the CPU);
+- ``fastmask-triton cuda-graph`` (CUDA only): the static path captured per (batch,
+  precision) by ``fastmask.inference.capture`` and replayed (bf16 through the model's
+  ``autocast_dtype`` setting, which the graph bakes in).
+
+Also the detections against torchvision's (``model(images)`` and the static path trimmed),
+and a breakdown of inference time (backbone, RPN, RoI heads, the rest: transform and
 post-processing) from the PyTorch profiler, for fastmask and torchvision.
 """
 
@@ -71,12 +82,15 @@ def _targets(images, device: str, seed: int):
 
 
 @contextlib.contextmanager
-def _precision(mode: str, device: str):
+def _precision(mode: str, device: str, autocast: bool = True):
+    """TF32 on for ``"tf32"`` (off otherwise); bf16 autocast around the call for ``"bf16"``
+    unless ``autocast=False`` (the CUDA graph rows get bf16 from the model's setting)."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     tf32 = mode == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+    bf16 = mode == "bf16" and autocast
+    ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     try:
         with ctx:
             yield
@@ -112,23 +126,60 @@ def _max_output_diff(a: list[dict], b: list[dict]) -> dict:
     return d
 
 
+def _timed_method(obj, attr: str, label: str, stack: contextlib.ExitStack) -> None:
+    """Replace the bound method ``obj.attr`` by one that runs inside ``record_function(label)``
+    until ``stack`` closes (which restores the method)."""
+    from torch.profiler import record_function
+
+    original = getattr(obj, attr)
+    own = attr in vars(obj)  # an instance attribute already (rare): put it back as it was
+
+    def timed(*args, **kwargs):
+        with record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(obj, attr, timed)
+    if own:
+        stack.callback(setattr, obj, attr, original)
+    else:  # deleting the instance attribute uncovers the class's method again
+        stack.callback(delattr, obj, attr)
+
+
+def _timed_module(mod, label: str, stack: contextlib.ExitStack) -> None:
+    """Run ``mod``'s forward inside ``record_function(label)`` (hooks) until ``stack`` closes."""
+    from torch.profiler import record_function
+
+    ranges = []
+
+    def pre(_m, _i):
+        ranges.append(record_function(label))
+        ranges[-1].__enter__()
+
+    def post(_m, _i, _o):
+        ranges.pop().__exit__(None, None, None)
+
+    for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)):
+        stack.callback(h.remove)
+
+
 def breakdown(model, images, device: str) -> dict:
-    """Milliseconds of one inference spent in backbone, rpn, roi_heads, and the rest."""
+    """Milliseconds of one inference spent in backbone, rpn, roi_heads, and the rest.
+
+    The backbone is timed through module hooks. fastmask's inference calls
+    ``rpn.propose_padded`` and ``roi_heads.detect``, not the modules' forward (whose hooks
+    then never fire): those methods are timed instead, wrapped for the call; torchvision's
+    RPN and RoI heads through hooks."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    parts = {"backbone": model.backbone, "rpn": model.rpn, "roi_heads": model.roi_heads}
-    handles, stack = [], []
-    for name, mod in parts.items():
-        def pre(_m, _i, name=name):
-            stack.append(record_function(f"part::{name}"))
-            stack[-1].__enter__()
-
-        def post(_m, _i, _o):
-            stack.pop().__exit__(None, None, None)
-
-        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    parts = {"backbone": (model.backbone, None), "rpn": (model.rpn, "propose_padded"),
+             "roi_heads": (model.roi_heads, "detect")}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    try:
+    with contextlib.ExitStack() as stack:
+        for name, (mod, method) in parts.items():
+            if method is not None and hasattr(mod, method):
+                _timed_method(mod, method, f"part::{name}", stack)
+            else:
+                _timed_module(mod, f"part::{name}", stack)
         with torch.no_grad():
             model(images)
             sync(device)
@@ -136,9 +187,6 @@ def breakdown(model, images, device: str) -> dict:
                 with record_function("part::total"):
                     model(images)
                 sync(device)
-    finally:
-        for h in handles:
-            h.remove()
     out = {}
     for e in prof.key_averages():
         if e.key.startswith("part::"):
@@ -148,6 +196,28 @@ def breakdown(model, images, device: str) -> dict:
     if "total" in out:
         out["rest (transform, post-processing)"] = out["total"] - sum(out.get(k, 0.0) for k in parts)
     return out
+
+
+def _graph_timing(model, batch: int, hw, mode: str, device: str, inputs, timing: dict) -> dict:
+    """Capture ``model``'s static path in a CUDA graph for ``batch`` images of ``hw`` under
+    ``mode`` and time the replays (``detector(images)``: copy in, replay; outputs stay in the
+    graph's buffers).
+
+    bf16 comes from the model's ``autocast_dtype`` setting during the capture (the graph holds
+    the bf16 kernels; an autocast around a replay would do nothing), restored after; the TF32
+    flags are set for both the capture and the replays. The graph and its memory are released
+    on return: one capture per (batch, mode) at a time."""
+    from fastmask.inference import capture
+
+    previous = model.autocast_dtype
+    with _precision(mode, device, autocast=False):
+        if mode == "bf16":
+            model.autocast_dtype = torch.bfloat16
+        try:
+            detector = capture(model, batch, hw)
+        finally:
+            model.autocast_dtype = previous
+        return bench(detector, inputs, device=device, **timing)
 
 
 def run(quick: bool = False, device: str = "cuda") -> list[dict]:
@@ -164,6 +234,11 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
         # fp32 inference at batch 1, to show what the kernels replace; the rest is the product.
         return not (on_gpu and name == "fastmask-torch" and (train or mode != "fp32" or batch != 1))
 
+    # The fastmask model timed on the static path too: the product on the device (the Triton
+    # backend on a GPU; on the CPU the reference, the only backend there outside Triton's
+    # interpreter).
+    static_provider = "fastmask-triton" if on_gpu else "fastmask-torch"
+    size = f"{cfg['hw'][0]}x{cfg['hw'][1]}"
     rows = []
     for batch in cfg["batches"]:
         inputs = [(_images(batch, cfg["hw"], device, s),) for s in range(3)]
@@ -178,17 +253,41 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                         return m(images)
 
                 t = bench(infer, inputs, device=device, **timing)
-                rows.append(row("model", f"inference batch {batch} {cfg['hw'][0]}x{cfg['hw'][1]}", name, mode, t,
+                rows.append(row("model", f"inference batch {batch} {size}", name, mode, t, **{"pass": "inference"}))
+                if name != static_provider:
+                    continue
+
+                def infer_static(images, m=m, mode=mode):
+                    with torch.no_grad(), _precision(mode, device):
+                        return m.forward_padded(images)  # padded outputs stay on the device: no sync
+
+                t = bench(infer_static, inputs, device=device, **timing)
+                rows.append(row("model", f"inference batch {batch} {size}", f"{name} static", mode, t,
                                 **{"pass": "inference"}))
-    # Same outputs: each fastmask backend against torchvision, batch 1, fp32 (no TF32).
+                if on_gpu:  # CUDA graphs: the GPU only, so never in the quick CPU run
+                    t = _graph_timing(m, batch, cfg["hw"], mode, device, inputs, timing)
+                    rows.append(row("model", f"inference batch {batch} {size}", f"{name} cuda-graph", mode, t,
+                                    **{"pass": "inference"}))
+    # Same outputs: each fastmask backend against torchvision, batch 1, fp32 (no TF32); and the
+    # static path trimmed (model(images) is that by construction; compared all the same, so
+    # that the timed static rows are known to compute the same detections).
+    from fastmask.inference import trim
+
     with torch.no_grad(), _precision("fp32", device):
         imgs = _images(1, cfg["hw"], device, 7)
         ref = models["torchvision"].eval()(imgs)
+
+        def parity(provider: str, detections: list[dict]) -> dict:
+            return record({"op": "model", "case": "output parity vs torchvision", "provider": provider,
+                           "dtype": "fp32", "median_ms": float("nan"), "p20_ms": float("nan"),
+                           "p80_ms": float("nan"), **_max_output_diff(detections, ref)})
+
         for name, m in models.items():
-            if name != "torchvision":
-                rows.append(record({"op": "model", "case": "output parity vs torchvision", "provider": name,
-                                    "dtype": "fp32", "median_ms": float("nan"), "p20_ms": float("nan"),
-                                    "p80_ms": float("nan"), **_max_output_diff(m.eval()(imgs), ref)}))
+            if name == "torchvision":
+                continue
+            rows.append(parity(name, m.eval()(imgs)))
+            if name == static_provider:
+                rows.append(parity(f"{name} static", trim(m.forward_padded(imgs), [tuple(cfg["hw"])])))
     # Training step.
     b = cfg["train_batch"]
     train_inputs = [(_images(b, cfg["hw"], device, s), _targets(_images(b, cfg["hw"], "cpu", s), device, s))
@@ -208,22 +307,34 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 opt.zero_grad(set_to_none=True)
 
             t = bench(step, train_inputs, device=device, **timing)
-            rows.append(row("model", f"train step batch {b} {cfg['hw'][0]}x{cfg['hw'][1]}", name, mode, t,
+            rows.append(row("model", f"train step batch {b} {size}", name, mode, t,
                             **{"pass": "train"}))
-    if not quick and device.startswith("cuda"):
+    if not quick and on_gpu:
         for name, m in models.items():
             if not timed(name, "bf16", 1):
                 continue
-            m.eval().to(memory_format=torch.channels_last)
+            m.eval()
+            # fastmask: its channels_last setting (weights NHWC, and the batch made NHWC before
+            # the backbone); torchvision: its weights converted, as before. Restored after.
+            fastmask_model = name.startswith("fastmask")
+            if fastmask_model:
+                m.channels_last = True
+            else:
+                m.to(memory_format=torch.channels_last)
             inputs = [(_images(1, cfg["hw"], device, s),) for s in range(3)]
 
             def infer_cl(images, m=m):
                 with torch.no_grad(), _precision("bf16", device):
                     return m(images)
 
-            t = bench(infer_cl, inputs, device=device, warmup_ms=500, rep_ms=rep)
+            try:
+                t = bench(infer_cl, inputs, device=device, warmup_ms=500, rep_ms=rep)
+            finally:
+                if fastmask_model:
+                    m.channels_last = False
+                else:
+                    m.to(memory_format=torch.contiguous_format)
             rows.append(row("model", "inference batch 1 channels-last", name, "bf16", t, **{"pass": "inference"}))
-            m.to(memory_format=torch.contiguous_format)
     imgs = _images(1, cfg["hw"], device, 9)
     for name, m in models.items():
         rows.append(record({"op": "model", "case": "inference breakdown ms (profiler)", "provider": name,

@@ -1,5 +1,8 @@
 """Count what each public op issues per call: aten ops, device launches, Triton launches, syncs.
 
+Also one whole-model inference (``--model``): torchvision's Mask R-CNN, fastmask's
+``model(images)`` and its static path ``model.forward_padded(images)``, same weights.
+
 Host work decides the speed of small calls on a GPU (every aten op is a dispatch and most are
 a kernel launch; every read of a device value is a sync), and it can be counted on the CPU:
 :class:`DispatchCounter` is a ``TorchDispatchMode`` that records every aten op dispatched while
@@ -9,12 +12,14 @@ interpreter itself dispatches while it runs a kernel are not counted: on the GPU
 exist.
 
     python -m benchmarks.dispatch_count            # the table recorded in benchmarks/NOTES.md
+    python -m benchmarks.dispatch_count --model    # whole-model inference: torchvision, fastmask eager, static
 
 Categories:
 - ``launches``: aten ops that launch a device kernel (everything except allocations, views and
   metadata; see ``NO_LAUNCH``) plus Triton launches;
 - ``syncs``: ops that read a device value on the host or produce a data-dependent shape
-  (``SYNC_OPS``).
+  (``SYNC_OPS``), and the Tensor methods that read values without an aten op (``HOST_READS``:
+  ``tolist``, ``numpy``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten ops that launch no device kernel: allocations, views, metadata.
@@ -47,6 +53,10 @@ SYNC_OPS = frozenset({
     "aten.equal.default", "aten.is_nonzero.default", "aten.repeat_interleave.Tensor",
     "aten.index.Tensor[bool mask]", "aten.index_put.default[bool mask]", "aten.index_put_.default[bool mask]",
 })
+# Tensor methods that read device data without dispatching an aten op (seen by a
+# TorchFunctionMode; recorded as syncs under these names).
+HOST_READS = {"tolist": "Tensor.tolist", "numpy": "Tensor.numpy"}
+_HOST_READ_NAMES = frozenset(HOST_READS.values())
 # Indexing ops whose index may be a bool mask (then counted as a sync, see DispatchCounter).
 MASK_INDEXING = frozenset({"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default"})
 
@@ -61,8 +71,11 @@ def _custom_op_impl(func):
 class DispatchCounter(TorchDispatchMode):
     """Records the aten ops and Triton launches of the code run under it (see the module docs)."""
 
-    def __init__(self):
+    def __init__(self, enter_ops: bool = True):
+        """``enter_ops=False`` counts each ``fastmask::`` op as one op without entering it (what
+        the code around the ops issues)."""
         super().__init__()
+        self.enter_ops = enter_ops
         self.ops: list[str] = []
         self.triton: list[str] = []
         self._paused = 0
@@ -77,10 +90,24 @@ class DispatchCounter(TorchDispatchMode):
                                                    else ())):
             name += "[bool mask]"  # indexing by a mask: a data-dependent shape (a nonzero inside)
         self.ops.append(name)
-        if func.namespace == "fastmask":
+        if func.namespace == "fastmask" and self.enter_ops:
             with self:  # count the ops inside the registered op too
                 return _custom_op_impl(func)(*args, **kwargs)
         return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _count_host_reads(self):
+        counter = self
+
+        class HostReads(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = HOST_READS.get(getattr(func, "__name__", None))
+                if name is not None and not counter._paused:
+                    counter.ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        with HostReads():
+            yield
 
     @contextlib.contextmanager
     def _count_triton(self):
@@ -112,25 +139,32 @@ class DispatchCounter(TorchDispatchMode):
                 cls.run = original
 
     def __enter__(self):
-        self._triton_ctx = self._count_triton()
-        self._triton_ctx.__enter__()
+        # Re-entered for the ops inside a registered op: the outermost entry sets up the
+        # Triton and host-read recorders, once.
+        self._depth = getattr(self, "_depth", 0) + 1
+        if self._depth == 1:
+            self._contexts = contextlib.ExitStack()
+            self._contexts.enter_context(self._count_triton())
+            self._contexts.enter_context(self._count_host_reads())
         return super().__enter__()
 
     def __exit__(self, *exc):
         out = super().__exit__(*exc)
-        self._triton_ctx.__exit__(*exc)
+        self._depth -= 1
+        if self._depth == 0:
+            self._contexts.__exit__(*exc)
         return out
 
     # ------------------------------------------------------------------ summaries
 
     @property
     def aten(self) -> list[str]:
-        """aten ops, without the ``fastmask::`` ops that contain them."""
-        return [o for o in self.ops if not o.startswith("fastmask.")]
+        """aten ops, without the ``fastmask::`` ops that contain them (and without HOST_READS)."""
+        return [o for o in self.ops if not o.startswith("fastmask.") and o not in _HOST_READ_NAMES]
 
     @property
     def syncs(self) -> list[str]:
-        return [o for o in self.aten if o in SYNC_OPS]
+        return [o for o in self.ops if o in SYNC_OPS or o in _HOST_READ_NAMES]
 
     @property
     def launches(self) -> int:
@@ -157,7 +191,7 @@ def data_checks(enabled: bool):
             os.environ[CHECKS_ENV_VAR] = old
 
 
-def count(fn, *args, checks: bool = False, warmup: bool = True, **kwargs) -> DispatchCounter:
+def count(fn, *args, checks: bool = False, warmup: bool = True, enter_ops: bool = True, **kwargs) -> DispatchCounter:
     """Run ``fn(*args, **kwargs)`` under a fresh counter; returns the counter.
 
     ``warmup``: call it once before, uncounted, so that what is counted is a steady-state call
@@ -166,7 +200,7 @@ def count(fn, *args, checks: bool = False, warmup: bool = True, **kwargs) -> Dis
     with data_checks(checks):
         if warmup:
             fn(*args, **kwargs)
-        with DispatchCounter() as counter:
+        with DispatchCounter(enter_ops) as counter:
             fn(*args, **kwargs)
     return counter
 
@@ -226,10 +260,112 @@ def table(backend: str) -> list[tuple[str, dict]]:
     return [(name, count(fn).summary()) for name, fn in standard_cases(backend).items()]
 
 
+# --------------------------------------------------------------------------- whole model
+
+# The smallest Mask R-CNN that still runs every stage (transform, backbone, RPN, box head and
+# its NMS, mask head, paste) on the CPU, Triton's interpreter included: a ResNet-18 FPN,
+# 96-128 pixel images, few proposals and detections. box_score_thresh=0 keeps every detection
+# slot filled, so post-processing does its full work.
+MODEL_KW_CPU = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                    box_detections_per_img=10, box_score_thresh=0.0)
+MODEL_IMAGE_CPU = (96, 120)
+# On a GPU: the R50-FPN at the benchmark size, torchvision's defaults otherwise.
+MODEL_KW_CUDA = dict(box_score_thresh=0.0)
+MODEL_IMAGE_CUDA = (800, 1333)
+
+
+def model_cases(backend: str, device: str = "cpu") -> dict:
+    """name -> zero-argument callable: one inference of ``"torchvision eager"`` (torchvision's
+    ``MaskRCNN``), ``"fastmask eager"`` (``model(images)``) and ``"fastmask static"``
+    (``model.forward_padded(images)``, outputs left padded), the same weights in both
+    (torchvision's random initialisation loaded strictly into fastmask), one image.
+
+    On the CPU the model is a ResNet-18 FPN at ``MODEL_IMAGE_CPU`` (``MODEL_KW_CPU``); on
+    CUDA the ResNet-50 FPN at 800x1333. ``backend`` is fastmask's ("triton" on CPU tensors
+    needs ``TRITON_INTERPRET=1``). The models and the image are made here, outside the count."""
+    # torchvision is a test and benchmark dependency, not one of the library's.
+    from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from fastmask.models import build_mask_rcnn
+
+    on_gpu = torch.device(device).type == "cuda"
+    backbone, num_classes = ("resnet50", 91) if on_gpu else ("resnet18", 4)
+    kw, hw = (MODEL_KW_CUDA, MODEL_IMAGE_CUDA) if on_gpu else (MODEL_KW_CPU, MODEL_IMAGE_CPU)
+    torch.manual_seed(0)
+    tv = TorchvisionMaskRCNN(resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=3),
+                             num_classes=num_classes, **kw)
+    fm = build_mask_rcnn(num_classes, backbone=backbone, backend=backend, **kw)
+    fm.load_state_dict(tv.state_dict(), strict=True)
+    tv, fm = tv.to(device).eval(), fm.to(device).eval()
+    images = [torch.rand(3, *hw, generator=torch.Generator().manual_seed(0)).to(device)]
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn(images)
+        return call
+
+    return {"torchvision eager": no_grad(tv), "fastmask eager": no_grad(fm),
+            "fastmask static": no_grad(fm.forward_padded)}
+
+
+def _names(ops: list[str]) -> str:
+    """``["a", "b", "a"]`` -> ``"a x2, b"`` (first-seen order)."""
+    return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in collections.Counter(ops).items())
+
+
+def model_table(backends, device: str = "cpu") -> list[dict]:
+    """One row per (case, backend, whether fastmask's ops are entered), each a steady-state
+    inference counted after a warm-up call.
+
+    torchvision is counted once (it has no fastmask ops to enter; its own ``torchvision::``
+    ops count as one aten op each). fastmask is counted around its ops (``entered=False``:
+    what the model's own code issues, the registered ops' inner aten ops left out; their
+    Triton launches are still counted) for every backend, and
+    inside them too for the Triton backend, whose ops' host code is what runs on a GPU; the
+    reference backend is not counted inside its ops (its NMS resolves tiles on the host by
+    design: the specification, not a GPU path)."""
+    rows = []
+    for i, backend in enumerate(backends):
+        cases = model_cases(backend, device)
+        if i == 0:
+            rows.append({"case": "torchvision eager", "backend": "-", "entered": False,
+                         "counter": count(cases["torchvision eager"], enter_ops=False)})
+        for name in ("fastmask eager", "fastmask static"):
+            for entered in ((True, False) if backend == "triton" else (False,)):
+                rows.append({"case": name, "backend": backend, "entered": entered,
+                             "counter": count(cases[name], enter_ops=entered)})
+    for r in rows:
+        c = r["counter"]
+        r.update(c.summary(), fastmask_ops=sum(o.startswith("fastmask.") for o in c.ops), sync_ops=_names(c.syncs))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("triton", "torch"), nargs="*", default=["triton", "torch"])
+    parser.add_argument("--model", action="store_true",
+                        help="count whole-model inferences (model_cases) instead of the single ops")
+    parser.add_argument("--device", default="cpu", help="device of the --model cases (default: cpu)")
     args = parser.parse_args(argv)
+    # The Triton kernels run on CPU tensors in Triton's interpreter, which Triton reads from
+    # TRITON_INTERPRET when it is first imported: by fastmask's kernels or torchvision, both
+    # imported lazily, after this line. Not for the model cases on a GPU, where the kernels run
+    # on the device.
+    if not (args.model and torch.device(args.device).type == "cuda"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.model:
+        # "inside fastmask ops": whether the aten ops the registered ops run are counted; Triton
+        # launches are counted either way (the counter sees them wherever they happen).
+        print("| case | backend | fastmask ops | inside fastmask ops | aten ops | launches | of them Triton | syncs "
+              "| sync ops |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in model_table(args.backend, args.device):
+            inside = "counted" if r["entered"] else ("-" if r["backend"] == "-" else "not counted")
+            print(f"| {r['case']} | {r['backend']} | {r['fastmask_ops']} | {inside} | {r['aten_ops']} | "
+                  f"{r['launches']} | {r['triton']} | {r['syncs']} | {r['sync_ops'] or '-'} |")
+        return
     print("| op | backend | aten ops | launches | of them Triton | syncs |")
     print("|---|---|---|---|---|---|")
     for backend in args.backend:
@@ -238,5 +374,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     main()

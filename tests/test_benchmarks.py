@@ -1,10 +1,14 @@
-"""The benchmark runner: quick mode runs on the CPU and writes JSON, Markdown and a chart."""
+"""The benchmark runner: quick mode runs on the CPU and writes JSON, Markdown and a chart; and
+the whole-model counts of ``python -m benchmarks.dispatch_count --model``."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from benchmarks import dispatch_count
 from benchmarks.run import add_ratios, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +40,23 @@ def test_quick_run_on_cpu(tmp_path):
     assert {"torchvision", "reference"} <= providers
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert js.with_suffix(".md").exists() and js.with_suffix(".png").exists()
+
+
+@pytest.mark.model
+def test_model_dispatch_counts_on_cpu():
+    """``benchmarks.dispatch_count.model_cases`` counted as ``--model`` counts them: the static
+    path reads nothing on the host, ``model(images)`` exactly once (the counts, at the end),
+    and torchvision's Mask R-CNN syncs on its own (its per-mask paste reads box coordinates).
+    One uncounted call only (the static path's, which fills the caches the eager path shares):
+    whole-model calls are the slow part of this test."""
+    cases = dispatch_count.model_cases("torch")
+    out = cases["fastmask static"]()
+    assert out["boxes"].shape == (1, dispatch_count.MODEL_KW_CPU["box_detections_per_img"], 4)
+    assert int(out["counts"][0]) > 0  # detections were made: every stage ran
+    static = dispatch_count.count(cases["fastmask static"], enter_ops=False, warmup=False)
+    eager = dispatch_count.count(cases["fastmask eager"], enter_ops=False, warmup=False)
+    tv = dispatch_count.count(cases["torchvision eager"], enter_ops=False, warmup=False)
+    assert static.syncs == [], static.syncs
+    assert "aten.lift_fresh.default" not in static.aten  # no per-call host table after the first call
+    assert eager.syncs == ["Tensor.tolist"], eager.syncs
+    assert len(tv.syncs) > 0 and static.launches > 0

@@ -130,3 +130,29 @@ def test_autocast_keeps_boxes_in_fp32():
     assert store["proposals"][0].dtype == torch.float32 and len(store["proposals"][0]) > 0
     assert out[0]["boxes"].dtype == torch.float32 and out[0]["scores"].dtype == torch.float32
     assert len(out[0]["boxes"]) > 0 and out[0]["masks"].dtype == torch.float32
+
+
+def test_frozen_batchnorm_cache_follows_its_buffers():
+    """The cached scale and shift give torchvision's FrozenBatchNorm2d bitwise, and are renewed
+    when a buffer is modified in place, reloaded or converted; gradients flow to the input."""
+    from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBN
+
+    from fastmask.models.resnet import FrozenBatchNorm2d
+
+    ours, tv = FrozenBatchNorm2d(8, eps=0.0), TVFrozenBN(8, eps=0.0)
+    g = torch.Generator().manual_seed(0)
+    state = {"weight": torch.randn(8, generator=g), "bias": torch.randn(8, generator=g),
+             "running_mean": torch.randn(8, generator=g), "running_var": torch.rand(8, generator=g) + 0.1}
+    x = torch.randn(2, 8, 5, 5, generator=g)
+    changes = [lambda m: m.load_state_dict(state), lambda m: m.running_var.mul_(2),
+               lambda m: m.load_state_dict({k: v * 3 for k, v in state.items()}), lambda m: m.double()]
+    for i, change in enumerate(changes):
+        change(ours)
+        change(tv)
+        xi = x.to(ours.weight.dtype)
+        with torch.inference_mode():
+            ours(xi)  # a call in inference mode must not leave an inference tensor in the cache
+        assert torch.equal(ours(xi), tv(xi)), f"after change {i}"
+    xg = x.double().requires_grad_()
+    ours(xg).sum().backward()
+    assert xg.grad is not None and torch.equal(xg.grad, ours._affine()[0].expand_as(xg))

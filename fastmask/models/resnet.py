@@ -41,11 +41,15 @@ class FrozenBatchNorm2d(nn.Module):
     ``shift = bias - running_mean * scale``, the same arithmetic as torchvision's
     ``FrozenBatchNorm2d`` so that results are bitwise equal. torchvision's COCO-trained
     Mask R-CNN checkpoint was made with ``eps=0.0``.
+
+    ``scale`` and ``shift`` are kept between calls until a buffer changes (replaced, moved, or
+    modified in place): 2 launches per call instead of 7 (a ResNet-50 has 53 of these layers).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self._affine_cache = None  # (buffers, their versions, (scale, shift))
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -59,9 +63,27 @@ class FrozenBatchNorm2d(nn.Module):
                                       error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self._affine()
+        return x * scale + shift
+
+    def _compute_affine(self) -> tuple[Tensor, Tensor]:
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + shift
+        return scale, shift
+
+    def _affine(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) as Tensor[1, C, 1, 1], from the cache while the buffers are the same
+        objects at the same versions (the cache holds them, so their ids cannot be reused)."""
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in buffers):
+            return self._compute_affine()  # traced into the graph / no version counter to read
+        versions = tuple(t._version for t in buffers)
+        cache = self._affine_cache
+        if cache is None or cache[1] != versions or any(a is not b for a, b in zip(cache[0], buffers)):
+            # Outside inference mode and autograd: usable by any later call, training included.
+            with torch.inference_mode(False), torch.no_grad():
+                self._affine_cache = cache = (buffers, versions, self._compute_affine())
+        return cache[2]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

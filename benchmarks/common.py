@@ -1,6 +1,6 @@
 """Timing and reporting shared by the benchmarks.
 
-Timing method (DESIGN.md, "Benchmarks"): warm up first (compilation, autotuning and
+Timing method (docs/architecture.md, "Benchmarks"): warm up first (compilation, autotuning and
 allocation stay out of the numbers), then take the median of many runs. On CUDA this is
 ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); on the CPU a
 ``perf_counter`` loop. Callers that pass several input sets get them rotated, so repeated

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-# (atol, rtol) by dtype, used by every parity test. fp32 atol follows DESIGN.md (1e-4 for
+# (atol, rtol) by dtype, used by every parity test. fp32 atol follows docs/architecture.md (1e-4 for
 # RoI Align); fp16/bf16 are compared after the reference ran in fp32 on the same inputs.
 TOL = {
     torch.float64: (1e-10, 1e-8),

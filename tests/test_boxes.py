@@ -19,7 +19,7 @@ HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 def decode_tol(dtype, scale):
     """(atol, rtol) of a decode at coordinates up to ``scale`` pixels.
 
-    DESIGN.md asks fp32 decodes to agree within atol 1e-5. A corner ``x1 = cx - w / 2`` is a
+    docs/architecture.md asks fp32 decodes to agree within atol 1e-5. A corner ``x1 = cx - w / 2`` is a
     difference of two values of the image's scale, so an exp() one ulp apart (NumPy's in
     Triton's interpreter vs torch's CPU exp) moves it by about one ulp *of the scale* even
     where x1 itself is near 0: 6e-5 at 1000 px. The bound is therefore 1e-5 or two ulps of

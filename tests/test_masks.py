@@ -16,7 +16,7 @@ from fastmask.ops.masks import BoxMasks, paste_masks, paste_masks_in_boxes, past
 from helpers import TOL, TRITON_DEVICES, assert_close_verbose, requires_cuda
 from fastmask.kernels.mask_paste import paste_masks_fwd
 
-# DESIGN.md: pasted masks agree on at least 99.9% of pixels after thresholding at 0.5.
+# docs/architecture.md: pasted masks agree on at least 99.9% of pixels after thresholding at 0.5.
 MIN_AGREEMENT = 0.999
 FLOAT_ATOL = 1e-5  # fp32 result vs torchvision's fp32 result
 

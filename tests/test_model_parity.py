@@ -15,7 +15,7 @@ import fastmask
 from fastmask.models import load_weights
 
 ATOL, RTOL = TOL[torch.float32]
-MASK_AGREEMENT = 0.999  # DESIGN.md: pasted masks agree on >= 99.9% of pixels at 0.5
+MASK_AGREEMENT = 0.999  # docs/architecture.md: pasted masks agree on >= 99.9% of pixels at 0.5
 
 # Few proposals and detections keep the CPU run short; box_score_thresh is lowered so that a
 # randomly initialised model still returns a full set of detections.

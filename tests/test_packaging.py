@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,24 @@ def test_installed_package_has_no_top_level_kernels(tmp_path):
     run = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_markdown_files_cited_exist():
+    """Every ``*.md`` path the repository's text cites exists in it (relative to the root or
+    to the citing file), so no file points to a document the repository does not contain."""
+    root = ROOT
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    outputs = {"bench.md"}  # written by the benchmark runner, not part of the repository
+    cited = re.compile(r"(?<![\w./:-])((?:[\w.-]+/)*[\w-]+\.md)\b")
+    missing = []
+    for name in listed.stdout.split():
+        path = root / name
+        if path.suffix not in (".py", ".md", ".sh", ".toml", ".yaml", ".txt") or not path.is_file():
+            continue
+        for ref in cited.findall(path.read_text(errors="ignore")):
+            if ref not in outputs and not (root / ref).exists() and not (path.parent / ref).exists():
+                missing.append(f"{name} cites {ref}")
+    assert not missing, missing
+    assert (root / "docs/architecture.md").is_file()

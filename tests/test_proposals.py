@@ -24,7 +24,7 @@ NMS_THRESH = 0.7
 
 
 def box_tol(dtype, scale):
-    """(atol, rtol) for decoded boxes at coordinates up to ``scale``: DESIGN.md's 1e-5, or two
+    """(atol, rtol) for decoded boxes at coordinates up to ``scale``: docs/architecture.md's 1e-5, or two
     ulps of the scale where a corner is the difference of two such values (see
     tests/test_boxes.py, ``decode_tol``)."""
     atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else TOL[dtype]

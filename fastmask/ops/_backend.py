@@ -1,6 +1,6 @@
 """Backend selection shared by every op.
 
-One readable rule (DESIGN.md, "Backends"):
+One readable rule (docs/architecture.md, "The backend rule"):
 - ``backend=None`` reads ``FASTMASK_BACKEND`` (default ``"auto"``);
 - ``"auto"``: Triton for CUDA tensors, the pure-PyTorch reference for CPU tensors;
 - ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``

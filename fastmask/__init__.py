@@ -37,5 +37,6 @@ _source_kernels()
 
 from .models import MaskRCNN, build_mask_rcnn, load_weights, maskrcnn_resnet50_fpn  # noqa: E402
 from . import inference  # noqa: E402  (static-shape inference: export, CUDA graphs)
+from .accelerate import accelerate  # noqa: E402  (fastmask's ops in a torchvision model)
 
 __all__ = ["MaskRCNN", "build_mask_rcnn", "load_weights", "maskrcnn_resnet50_fpn", "__version__"]

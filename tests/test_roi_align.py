@@ -225,8 +225,21 @@ def test_multiscale_bad_input():
         multiscale_roi_align(feats, boxes[:1], 7, [(64, 64)], backend="torch")
     with pytest.raises(ValueError, match=r"features\[1\]"):
         multiscale_roi_align([feats[0], feats[1][:, :2]], boxes, 7, [(64, 64)] * 2, backend="torch")
-    with pytest.raises(ValueError, match="no map named"):
+    with pytest.raises(ValueError, match="none of the maps"):
         MultiScaleRoIAlign(["x"], 7, 2)({"y": feats[0]}, boxes, [(64, 64)] * 2)
+
+
+def test_multiscale_module_pools_the_listed_maps_present_as_torchvision():
+    """Listed names missing from the features are skipped (torchvision's rule), e.g. a two-map
+    backbone (MobileNet's FPN: "0", "1", "pool") with the default four names."""
+    tv_ops = pytest.importorskip("torchvision.ops")
+    feats = make_pyramid(2, 4, (64, 64))
+    x = {"0": feats[0], "1": feats[1], "pool": feats[1][:, :, ::2, ::2]}
+    boxes = [torch.tensor([[2.0, 3.0, 40.0, 30.0]]), torch.tensor([[5.0, 1.0, 20.0, 60.0]])]
+    sizes = [(64, 64)] * 2
+    want = tv_ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(x, boxes, sizes)
+    got = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, backend="torch")(x, boxes, sizes)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_reference_direct_call_matches_public_op():

@@ -206,62 +206,12 @@ class RoIHeads(nn.Module):
 
     def postprocess_padded(self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor,
                            proposal_counts: Tensor, image_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
-        """Boxes, scores and labels of a padded batch (see the module docs), with static shapes
-        and no host sync.
-
-        ``proposals``: Tensor[B, M, 4], image i's proposals its first ``proposal_counts[i]``
-        rows; ``class_logits`` Tensor[B * M, C] and ``box_regression`` Tensor[B * M, 4C] for
-        those rows (the other rows' values are ignored). Returns ``boxes`` Tensor[B, D, 4],
-        ``scores`` Tensor[B, D], ``labels`` int64 Tensor[B, D], ``counts`` int64 Tensor[B] and
-        ``truncated`` bool Tensor[B], D = ``detections_per_img``: image i's detections are its
-        first ``counts[i]`` rows by decreasing score; the rows after them are zeros.
-
-        torchvision sends every candidate (proposal, class) that passes the score and size
-        tests to NMS; this sends the best ``candidates_per_img`` of them (K). Greedy NMS
-        decides a box from higher-scored boxes only, so the result is the same unless more
-        than K candidates pass and fewer than D of the best K survive NMS: ``truncated`` marks
-        those images (raise ``box_candidates_per_img`` to widen the bound).
-        """
+        """:func:`postprocess_padded` with this head's settings."""
         cfg = self.cfg
-        b, m = proposals.shape[:2]
-        num_classes = class_logits.shape[-1]
-        c = num_classes - 1  # foreground classes: candidate r * c + (label - 1) is proposal r with label
-        device = proposals.device
-        clip_to = image_size_rows(image_sizes, m, device)
-        boxes = ops.decode_boxes(box_regression, proposals.reshape(-1, 4), cfg.box_weights, clip_to=clip_to,
-                                 backend=self.backend).reshape(b, m, num_classes, 4)[:, :, 1:].reshape(b, m * c, 4)
-        scores = F.softmax(class_logits, -1)[:, 1:].reshape(b, m * c)
-        is_proposal = torch.arange(m, device=device) < proposal_counts[:, None]
-        wh = boxes[..., 2:] - boxes[..., :2]
-        valid = ((scores > cfg.score_thresh) & (wh >= MIN_DETECTION_SIZE).all(dim=-1)
-                 & is_proposal[:, :, None].expand(b, m, c).reshape(b, m * c))
-        # The best K valid candidates of each image, by decreasing score; a stable sort keeps
-        # equal scores in candidate order, the order NMS breaks ties in.
-        k = min(cfg.candidates_per_img, m * c)
-        order = torch.where(valid, scores, -math.inf).sort(dim=1, descending=True, stable=True).indices[:, :k]
-        cand_boxes = boxes.gather(1, order[:, :, None].expand(b, k, 4))
-        cand_scores = scores.gather(1, order)
-        cand_valid = valid.gather(1, order)
-        cand_labels = order % c + 1
-        # One NMS for the batch, groups (image, class); a keep mask needs no sync.
-        kept = ops.nms_keep_mask(cand_boxes, cand_scores, cfg.nms_thresh, cand_labels, cand_valid,
-                                 backend=self.backend)
-        # The candidates are in score order: the first D kept of each image are its detections.
-        d = cfg.detections_per_img
-        chosen = kept & (torch.cumsum(kept, dim=1) <= d)
-        counts = chosen.sum(dim=1)
-        width = min(d, k)
-        # The chosen positions first, still in order (a stable sort of a 0/1 key).
-        pos = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        is_det = torch.arange(width, device=device) < counts[:, None]
-        out = {"boxes": torch.where(is_det[:, :, None], cand_boxes.gather(1, pos[:, :, None].expand(b, width, 4)), 0.0),
-               "scores": torch.where(is_det, cand_scores.gather(1, pos), 0.0),
-               "labels": torch.where(is_det, cand_labels.gather(1, pos), 0)}
-        if width < d:  # fewer candidates than detection slots: pad to D rows
-            out = {key: F.pad(v, (0, 0, 0, d - width) if v.dim() == 3 else (0, d - width)) for key, v in out.items()}
-        out["counts"] = counts
-        out["truncated"] = (valid.sum(dim=1) > k) & (counts < d)
-        return out
+        return postprocess_padded(class_logits, box_regression, proposals, proposal_counts, image_sizes,
+                                  box_weights=cfg.box_weights, score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
+                                  detections_per_img=cfg.detections_per_img,
+                                  candidates_per_img=cfg.candidates_per_img, backend=self.backend)
 
     def detect(self, features: dict[str, Tensor], proposals: Tensor, proposal_counts: Tensor,
                image_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
@@ -306,6 +256,69 @@ class RoIHeads(nn.Module):
                                  mask_logits.shape[-1], backend=self.backend)
         loss_m = mask_loss(mask_logits, labels[pos_rows], targets_m)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_m}
+
+
+def postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_counts: Tensor,
+                   image_sizes: list[tuple[int, int]], *, box_weights=(10.0, 10.0, 5.0, 5.0),
+                   bbox_xform_clip: float = ops.boxes.BBOX_XFORM_CLIP, score_thresh: float = 0.05,
+                   nms_thresh: float = 0.5, detections_per_img: int = 100, candidates_per_img: int = 4096,
+                   backend: str | None = None) -> dict[str, Tensor]:
+    """Boxes, scores and labels of a padded batch (see the module docs), with static shapes
+    and no host sync.
+
+    ``proposals``: Tensor[B, M, 4], image i's proposals its first ``proposal_counts[i]``
+    rows; ``class_logits`` Tensor[B * M, C] and ``box_regression`` Tensor[B * M, 4C] for
+    those rows (the other rows' values are ignored). Returns ``boxes`` Tensor[B, D, 4],
+    ``scores`` Tensor[B, D], ``labels`` int64 Tensor[B, D], ``counts`` int64 Tensor[B] and
+    ``truncated`` bool Tensor[B], D = ``detections_per_img``: image i's detections are its
+    first ``counts[i]`` rows by decreasing score; the rows after them are zeros.
+
+    torchvision sends every candidate (proposal, class) that passes the score and size
+    tests to NMS; this sends the best ``candidates_per_img`` of them (K). Greedy NMS
+    decides a box from higher-scored boxes only, so the result is the same unless more
+    than K candidates pass and fewer than D of the best K survive NMS: ``truncated`` marks
+    those images (raise ``candidates_per_img``, the model's ``box_candidates_per_img``, to
+    widen the bound). The other arguments: the box head's settings (torchvision's names).
+    """
+    b, m = proposals.shape[:2]
+    num_classes = class_logits.shape[-1]
+    c = num_classes - 1  # foreground classes: candidate r * c + (label - 1) is proposal r with label
+    device = proposals.device
+    clip_to = image_size_rows(image_sizes, m, device)
+    boxes = ops.decode_boxes(box_regression, proposals.reshape(-1, 4), box_weights, bbox_xform_clip, clip_to=clip_to,
+                             backend=backend).reshape(b, m, num_classes, 4)[:, :, 1:].reshape(b, m * c, 4)
+    scores = F.softmax(class_logits, -1)[:, 1:].reshape(b, m * c)
+    is_proposal = torch.arange(m, device=device) < proposal_counts[:, None]
+    wh = boxes[..., 2:] - boxes[..., :2]
+    valid = ((scores > score_thresh) & (wh >= MIN_DETECTION_SIZE).all(dim=-1)
+             & is_proposal[:, :, None].expand(b, m, c).reshape(b, m * c))
+    # The best K valid candidates of each image, by decreasing score; a stable sort keeps
+    # equal scores in candidate order, the order NMS breaks ties in.
+    k = min(candidates_per_img, m * c)
+    order = torch.where(valid, scores, -math.inf).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    cand_boxes = boxes.gather(1, order[:, :, None].expand(b, k, 4))
+    cand_scores = scores.gather(1, order)
+    cand_valid = valid.gather(1, order)
+    cand_labels = order % c + 1
+    # One NMS for the batch, groups (image, class); a keep mask needs no sync.
+    kept = ops.nms_keep_mask(cand_boxes, cand_scores, nms_thresh, cand_labels, cand_valid,
+                             backend=backend)
+    # The candidates are in score order: the first D kept of each image are its detections.
+    d = detections_per_img
+    chosen = kept & (torch.cumsum(kept, dim=1) <= d)
+    counts = chosen.sum(dim=1)
+    width = min(d, k)
+    # The chosen positions first, still in order (a stable sort of a 0/1 key).
+    pos = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    is_det = torch.arange(width, device=device) < counts[:, None]
+    out = {"boxes": torch.where(is_det[:, :, None], cand_boxes.gather(1, pos[:, :, None].expand(b, width, 4)), 0.0),
+           "scores": torch.where(is_det, cand_scores.gather(1, pos), 0.0),
+           "labels": torch.where(is_det, cand_labels.gather(1, pos), 0)}
+    if width < d:  # fewer candidates than detection slots: pad to D rows
+        out = {key: F.pad(v, (0, 0, 0, d - width) if v.dim() == 3 else (0, d - width)) for key, v in out.items()}
+    out["counts"] = counts
+    out["truncated"] = (valid.sum(dim=1) > k) & (counts < d)
+    return out
 
 
 def image_size_rows(image_sizes: list[tuple[int, int]], rows: int, device: torch.device) -> Tensor:

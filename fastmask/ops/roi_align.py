@@ -589,10 +589,12 @@ class MultiScaleRoIAlign(nn.Module):
         self.deterministic = deterministic
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        missing = [name for name in self.featmap_names if name not in x]
-        if missing:
-            raise ValueError(f"features has no map named {missing}; it has {list(x)}")
-        feats = [x[name] for name in self.featmap_names]
+        # torchvision's rule: the maps of ``x`` whose names are listed, in ``x``'s order; listed
+        # names missing from ``x`` are skipped (e.g. a two-map MobileNet FPN pooled by the
+        # default four names).
+        feats = [v for k, v in x.items() if k in self.featmap_names]
+        if not feats:
+            raise ValueError(f"features has none of the maps {self.featmap_names}; it has {list(x)}")
         return multiscale_roi_align(feats, boxes, self.output_size, image_shapes, self.sampling_ratio,
                                     self.canonical_scale, self.canonical_level, backend=self.backend,
                                     deterministic=self.deterministic)

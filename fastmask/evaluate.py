@@ -1,10 +1,20 @@
-"""``python -m fastmask.evaluate --checkpoint CKPT``: COCO box and mask AP of a checkpoint.
+"""``python -m fastmask.evaluate --checkpoint CKPT|--weights PTH``: COCO box and mask AP of a model.
 
 The model and the validation data come from the config stored in the checkpoint; change
 them with ``--config`` / ``--set`` (for example ``--set data.val.annotations=B.json
 data.val.images=DIR``). Prints COCOeval's two 12-number tables (bbox, segm) and writes them
 as JSON (``--out``, default ``eval_<checkpoint name>.json`` next to the checkpoint).
 Runs on several processes under ``torchrun`` too (each evaluates a share of the images).
+
+``--weights PTH`` evaluates bare weights (a torchvision or fastmask ``state_dict``): the
+model and the data come from ``--config`` (default ``coco_r50_fpn_1x``: torchvision's
+architecture, COCO val2017 under datasets/coco). Their classes are the data's categories in
+id order when the counts match; 91 classes are read as torchvision's COCO labels (label =
+category id); any other count is refused. torchvision's own COCO weights were made with
+``--set model.options.frozen_bn_eps=0.0`` (torchvision sets it when it loads them).
+
+    python -m fastmask.evaluate --weights maskrcnn_resnet50_fpn_coco.pth \\
+        --set data.val.annotations=instances_val2017.json data.val.images=val2017
 """
 
 from __future__ import annotations
@@ -14,13 +24,14 @@ import json
 import os
 from pathlib import Path
 
-from .engine.cli import add_config_arguments, load_for_inference, run_command
+from .engine.cli import add_config_arguments, add_model_file_arguments, load_for_inference, model_file_arg, \
+    resolve_classes, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastmask.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a fastmask checkpoint (.pth)")
+    add_model_file_arguments(parser)
     add_config_arguments(parser, default_config=None)
     parser.add_argument("--out", default=None, metavar="JSON", help="where to write the results")
     return parser
@@ -37,12 +48,20 @@ def main(argv=None) -> dict | None:
         from .engine.trainer import autocast_dtype, main_process_first, torch_threads
 
         info = du.env_dist_info()
-        model, cfg, meta = load_for_inference(args.checkpoint, args)
+        source = model_file_arg(args)
+        model, cfg, meta = load_for_inference(args)
         device = du.resolve_device(cfg.device, info)
         model.to(device)
         du.init_distributed(device, info)
         try:
             dataset = main_process_first(lambda: build_dataset(cfg.data, "val", train=False), info)
+            if meta["label_to_cat_id"] is None:  # bare weights: their classes are read against this data
+                categories = [(c, dataset.class_names[k + 1]) for k, c in enumerate(dataset.cat_ids)]
+                resolve_classes(meta, categories, f"the annotations {dataset.annotation_file!r}", source,
+                                strict=True)
+                # Evaluation maps labels to category ids with the dataset's map: give it the weights'
+                # (it differs for torchvision's COCO labels, which are the category ids themselves).
+                dataset.label_to_cat_id = dict(meta["label_to_cat_id"])
             expected = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
             if dataset.label_to_cat_id != expected:
                 raise DatasetError(f"the categories of {dataset.annotation_file!r} (ids {dataset.cat_ids}) differ "
@@ -54,11 +73,12 @@ def main(argv=None) -> dict | None:
             du.cleanup()
         if out is None:
             return
-        print(f"{args.checkpoint}: {len(dataset)} images of {dataset.annotation_file}")
+        print(f"{source}: {len(dataset)} images of {dataset.annotation_file}")
         print(format_tables(out))
-        ckpt = Path(args.checkpoint)
+        ckpt = Path(source)
         path = Path(args.out) if args.out else ckpt.with_name(f"eval_{ckpt.stem}.json")
-        record = {"checkpoint": str(args.checkpoint), "annotations": dataset.annotation_file,
+        # "checkpoint" names the evaluated file, whichever flag gave it (the key readers know).
+        record = {"checkpoint": str(source), "annotations": dataset.annotation_file,
                   **{k: v for k, v in out.items() if k != "tables"}}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")

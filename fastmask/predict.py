@@ -1,4 +1,14 @@
-"""``python -m fastmask.predict IMAGE... --checkpoint CKPT --out DIR``: detect and draw.
+"""``python -m fastmask.predict IMAGE... --checkpoint CKPT|--weights PTH --out DIR``: detect and draw.
+
+The model comes from a fastmask training checkpoint (``--checkpoint``) or from bare weights
+(``--weights``: a torchvision or fastmask ``state_dict``, built with ``--config``, default
+``coco_r50_fpn_1x``, torchvision's architecture). Bare weights name their classes after the
+categories of the config's validation data when their number matches (the synthetic shapes,
+or the annotation file when it exists), after COCO's categories for 91 classes (torchvision's
+labels), else ``class_1``, ``class_2``, ... torchvision's own COCO weights were made with
+``--set model.options.frozen_bn_eps=0.0`` (torchvision sets it when it loads them).
+
+    python -m fastmask.predict image.jpg --weights maskrcnn_resnet50_fpn_coco.pth --out out/
 
 For each image writes ``DIR/<name>.png``: the image with each detected object's mask
 (translucent, outlined), box, class name and score. Also writes ``DIR/results.json``:
@@ -13,7 +23,8 @@ import json
 import os
 from pathlib import Path
 
-from .engine.cli import add_config_arguments, load_for_inference, run_command
+from .engine.cli import (add_config_arguments, add_model_file_arguments, config_categories, load_for_inference,
+                         model_file_arg, resolve_classes, run_command)
 
 # Detections listed per image on the console (all of them go to results.json).
 MAX_PRINTED = 8
@@ -23,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastmask.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a fastmask checkpoint (.pth)")
+    add_model_file_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays and results.json")
     parser.add_argument("--score-thresh", type=float, default=0.5,
                         help="keep detections at least this confident (default 0.5; 0 keeps all)")
@@ -64,7 +75,10 @@ def main(argv=None) -> list[dict]:
         if not 0.0 <= args.score_thresh <= 1.0:
             raise SystemExit(f"error: --score-thresh must be in [0, 1], got {args.score_thresh}")
         images = [read_image(p) for p in args.images]  # every file is checked before the model loads
-        model, cfg, meta = load_for_inference(args.checkpoint, args)
+        model, cfg, meta = load_for_inference(args)
+        if meta["label_to_cat_id"] is None:  # bare weights: names from the config's data, if they fit
+            categories, where = config_categories(cfg.data)
+            resolve_classes(meta, categories, where, model_file_arg(args), strict=False)
         device = du.resolve_device(cfg.device, du.DistInfo())
         model.to(device)
         model.mask_threshold = MASK_THRESHOLD

@@ -7,6 +7,7 @@ and writes checkpoints, metrics, the COCO evaluation and a loss plot under ``run
     python -m fastmask.train
     python -m fastmask.train --config configs/coco_r50_fpn_1x.yaml --set data.train.annotations=...
     python -m fastmask.train --set solver.max_iter=500 output_dir=runs/short --resume
+    python -m fastmask.train --config coco_r50_fpn_1x --weights maskrcnn_resnet50_fpn_coco.pth --set ...
     torchrun --nproc_per_node=8 -m fastmask.train --config coco_r50_fpn_1x      # DDP
 """
 
@@ -24,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue from output_dir/checkpoint.pth (model, optimizer, schedule, RNG, iteration)")
     parser.add_argument("--weights", default=None, metavar="PATH",
-                        help="start from a local torchvision or fastmask Mask R-CNN checkpoint (fine-tuning); "
-                             "predictor tensors whose shapes differ keep their initial values")
+                        help="fine-tune from Mask R-CNN weights: a torchvision or fastmask state_dict, or the model "
+                             "of a fastmask checkpoint (told apart by content). With another class count the "
+                             "box and mask predictors keep their initial values (head replacement); every other "
+                             "tensor must fit the config's model")
     return parser
 
 

@@ -182,7 +182,8 @@ def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path, capsys
     code = _exit_code(evaluate_cli.main, ["--checkpoint", str(final), "--set", "model.fpn_channels=64"])
     err = capsys.readouterr().err
     assert code == 1 and str(final) in err and "another architecture" in err and "fpn_channels" in err
-    # a torchvision-style state dict is not a training checkpoint
+    # a state dict of another architecture given to --checkpoint: read as bare weights, which
+    # do not fit the model; the error names the file and says how it was read
     foreign = tmp_path / "foreign.pth"
     torch.save({"backbone.body.conv1.weight": torch.zeros(1)}, foreign)
     code = _exit_code(predict_cli.main, [str(foreign), "--checkpoint", str(foreign), "--out", str(tmp_path)])

@@ -11,6 +11,10 @@ A checkpoint is one ``torch.save`` file holding a dict:
 
 It is written to a temporary file in the same folder, flushed to disk and renamed over the
 old one, so a crash or a full disk never leaves a truncated checkpoint in its place.
+
+:func:`load_checkpoint` reads a checkpoint to resume from; :func:`read_model_file` reads any
+file of model weights (a checkpoint, or a torchvision or fastmask ``state_dict``) and says
+which it is, for ``--weights`` and ``--checkpoint`` of the commands.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -28,6 +35,8 @@ import torch
 FORMAT = "fastmask-checkpoint-1"
 LAST = "checkpoint.pth"      # the latest checkpoint of a run, rewritten at every save
 FINAL = "model_final.pth"    # the end of a finished run
+# The tensor whose first dimension is a Mask R-CNN's class count (background included).
+CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
 
 
 class CheckpointError(ValueError):
@@ -72,6 +81,80 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path!r} is not a fastmask training checkpoint (no {FORMAT!r} format "
                               "tag); to start from other weights use --weights")
     return ckpt
+
+
+@dataclass
+class ModelFile:
+    """A file of model weights, told apart by content.
+
+    ``kind`` is ``"checkpoint"`` (a fastmask training checkpoint: ``ckpt`` holds all of it)
+    or ``"weights"`` (bare weights: a torchvision or fastmask ``state_dict``, possibly
+    under a ``model`` key of another trainer's file); ``state`` is the model's state dict
+    with torchvision's key names in both cases.
+    """
+
+    path: str
+    kind: str
+    state: dict
+    ckpt: dict | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the box predictor scores (background included), or CheckpointError."""
+        w = self.state.get(CLS_SCORE)
+        if w is None or w.dim() != 2:
+            keys = sorted(self.state)
+            raise CheckpointError(f"weights {self.path!r} are not a Mask R-CNN state dict: no {CLS_SCORE!r} among "
+                                  f"its {len(keys)} tensors (e.g. {', '.join(keys[:3]) or 'none'})")
+        return int(w.shape[0])
+
+
+def read_model_file(path: str | os.PathLike, noun: str = "weights") -> ModelFile:
+    """A fastmask checkpoint or bare model weights, or :class:`CheckpointError` naming the file.
+
+    Unlike :func:`load_checkpoint` this accepts the pre-zip ``torch.save`` format too:
+    torchvision's published Mask R-CNN weights were written in it. ``noun`` starts the
+    error messages ("weights", "checkpoint"), after the flag the file was given to.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{noun} file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if found:
+            # A pickled object outside tensors and plain containers (torch.load refuses to run its
+            # code): name its class, and say how a trusted file gives loadable weights. Other
+            # refusals ("Unsupported operand") come from bytes that are no pickle at all.
+            raise CheckpointError(
+                f"{noun} file {path!r} holds objects other than tensors and plain containers ({found.group(1)}), "
+                "which are not loaded for safety; if you trust the file, save its model's state_dict alone, e.g. "
+                "torch.save(torch.load(FILE, weights_only=False)['model'], 'weights.pth')") from None
+        raise CheckpointError(_unreadable(noun, path)) from None
+    except Exception:  # torch.load raises many types for a foreign or truncated file
+        raise CheckpointError(_unreadable(noun, path)) from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("model"), Mapping):
+        return ModelFile(path, "checkpoint", dict(obj["model"]), obj)
+    state = obj
+    # Another trainer's checkpoint that keeps the model under "model" (with tensors beside it).
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{noun} file {path!r} is neither a fastmask training checkpoint nor model weights "
+                              "(a state dict: name -> tensor, as torchvision's state_dict() and torch.save write)")
+    state = dict(state)
+    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return ModelFile(path, "weights", state)
+
+
+def _unreadable(noun: str, path: str) -> str:
+    # torch.load's own reasons ("101", "EOFError", a miniz error) tell a user nothing more.
+    why = "a damaged torch.save archive" if zipfile.is_zipfile(path) else \
+        "not a file torch.save wrote, or it is truncated or corrupt"
+    return f"{noun} file {path!r} cannot be read: it is {why}"
 
 
 def check_architecture(ckpt: dict, arch: dict, path: str) -> None:

@@ -1,5 +1,14 @@
 """What the three commands share: config arguments, model loading, and error reporting.
 
+``evaluate`` and ``predict`` take their model from ``--checkpoint`` (a fastmask training
+checkpoint: weights, config and class names) or ``--weights`` (bare weights: a torchvision
+or fastmask ``state_dict``). Either flag accepts either kind of file: the file's content
+decides how it is read, and a line on stderr says so when it is not what the flag names.
+Bare weights carry no config: the model is built from ``--config`` (default
+``coco_r50_fpn_1x``, torchvision's ``maskrcnn_resnet50_fpn`` architecture) with the class
+count of the weights' box predictor; their class names and category ids come from the data
+the command uses (see :func:`resolve_classes`).
+
 Expected failures (a bad config key, a broken dataset, an unusable checkpoint, a NaN loss)
 end the command with ``error: <message>`` on stderr and exit status 1 (2 for command-line
 and config mistakes), without a Python traceback.
@@ -8,17 +17,38 @@ and config mistakes), without a Python traceback.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
+from ..config import ConfigError, DataConfig, TrainConfig, apply_overrides, from_dict, load_config
 from ..data import DatasetError
-from .checkpoint import CheckpointError, check_architecture, load_checkpoint, load_model_state
+from .checkpoint import CheckpointError, ModelFile, check_architecture, load_model_state, read_model_file
+
+log = logging.getLogger(__name__)
 
 # The project's configs/: in a checkout (or an editable install) beside the package, in an
 # installed package inside it (pyproject.toml installs configs/ as fastmask/configs).
 CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "configs", Path(__file__).resolve().parents[1] / "configs")
 DEFAULT_CONFIG = "synthetic"
+# The model config of bare --weights when no --config is given: torchvision's
+# maskrcnn_resnet50_fpn layout, the architecture a torchvision state_dict has.
+DEFAULT_WEIGHTS_CONFIG = "coco_r50_fpn_1x"
+
+# torchvision's COCO label order: label k is COCO category id k, "N/A" where COCO has no
+# category (its 91-class checkpoints score all 91 labels).
+COCO_CLASS_NAMES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
 
 
 def resolve_config_path(name: str) -> Path:
@@ -38,7 +68,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str
     parser.add_argument("--config", default=default_config, metavar="YAML",
                         help="config file, or the name of one in configs/" +
                              (f" (default: {default_config})" if default_config else
-                              " (default: the config stored in the checkpoint)"))
+                              " (default: the config stored in the checkpoint; for bare --weights "
+                              f"{DEFAULT_WEIGHTS_CONFIG}, torchvision's architecture)"))
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set solver.max_iter=100 data.batch_size=4")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
@@ -47,14 +78,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str
                         help="cpu, cuda or cuda:N (default: the config's device; 'auto': the GPU if there is one)")
 
 
-def config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
+def add_model_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` or ``--weights``: one of them, naming the model to run."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--checkpoint", metavar="CKPT",
+                       help="a fastmask training checkpoint (.pth): the model with its config and class names")
+    group.add_argument("--weights", metavar="PTH",
+                       help="bare Mask R-CNN weights: a torchvision or fastmask state_dict (e.g. torchvision's "
+                            "maskrcnn_resnet50_fpn weights). The model comes from --config (default "
+                            f"{DEFAULT_WEIGHTS_CONFIG}), the class count from the weights. Either flag takes "
+                            "either kind of file: the content decides")
+
+
+def config_from_args(args, base: TrainConfig | None = None, default: str | None = None) -> TrainConfig:
+    """The config of ``--config`` (else ``default``, else ``base``, else the defaults) with the overrides."""
     overrides = list(args.overrides)
     if args.backend is not None:
         overrides.append(f"model.backend={args.backend}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
-    if args.config is not None:
-        return load_config(resolve_config_path(args.config), overrides)
+    name = args.config if args.config is not None else default
+    if name is not None:
+        return load_config(resolve_config_path(name), overrides)
     return apply_overrides(base if base is not None else TrainConfig(), overrides)
 
 
@@ -85,22 +130,168 @@ def run_command(fn) -> None:
         sys.exit(130)
 
 
-def load_for_inference(checkpoint: str, args):
-    """The checkpoint's model (eval mode, on the CPU), its config (with the command's overrides) and metadata."""
+class _StderrHandler(logging.Handler):
+    """Writes to the current ``sys.stderr`` (not the one at set-up, which a caller may have replaced)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _setup_notes() -> None:
+    """This module's INFO lines go to stderr as ``info: ...``, from the main process only."""
+    from . import distributed as du
+
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("info: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if du.env_dist_info().is_main else logging.WARNING)
+
+
+def model_file_arg(args) -> str:
+    """The file given to ``--checkpoint`` or ``--weights``."""
+    return args.checkpoint if args.checkpoint is not None else args.weights
+
+
+def load_for_inference(args):
+    """The model of ``--checkpoint`` / ``--weights`` (eval mode, on the CPU), its config and metadata.
+
+    For a fastmask checkpoint: its config (with the command's ``--config`` / ``--set``) and
+    its metadata. For bare weights: the config of ``--config`` (default
+    :data:`DEFAULT_WEIGHTS_CONFIG`) and ``{"num_classes": n, "class_names": None,
+    "label_to_cat_id": None}``, which the command completes with :func:`resolve_classes`.
+    """
+    _setup_notes()
+    flag = "--checkpoint" if args.checkpoint is not None else "--weights"
+    path = model_file_arg(args)
+    src = read_model_file(path, "checkpoint" if flag == "--checkpoint" else "weights")
+    if src.kind == "checkpoint":
+        # Its config and class names are worth more than the model alone: used whatever the flag.
+        model, cfg, meta = _load_checkpoint_model(src, args)
+        if flag == "--weights":
+            log.info("%s is a fastmask training checkpoint: read with its config and class names, as "
+                     "--checkpoint reads it", path)
+        return model, cfg, meta
+    try:
+        model, cfg, meta = _load_bare_weights(src, args)
+    except CheckpointError as exc:
+        if flag == "--checkpoint":
+            raise CheckpointError(f"{exc} ({path!r} is not a fastmask training checkpoint: it holds a state dict, "
+                                  "so it was read as --weights reads one)") from None
+        raise
+    if flag == "--checkpoint":
+        # Friendlier than refusing: bare weights are all the command needs besides a config.
+        log.info("%s is not a fastmask training checkpoint but bare weights (a state dict): read as --weights "
+                 "reads them", path)
+    return model, cfg, meta
+
+
+def _load_checkpoint_model(src: ModelFile, args):
     from .builder import build_model, model_arch
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt, path = src.ckpt, src.path
     if "config" not in ckpt or "meta" not in ckpt:
-        raise CheckpointError(f"checkpoint {checkpoint!r} has no config or metadata")
+        raise CheckpointError(f"checkpoint {path!r} has no config or metadata")
     try:
         saved_cfg = from_dict(ckpt["config"])
     except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {checkpoint!r} holds a config this version cannot read: {exc}") from None
+        raise CheckpointError(f"checkpoint {path!r} holds a config this version cannot read: {exc}") from None
     cfg = config_from_args(args, base=saved_cfg)
     meta = ckpt["meta"]
     num_classes = int(meta["num_classes"])
-    check_architecture(ckpt, model_arch(cfg.model, num_classes), checkpoint)
+    check_architecture(ckpt, model_arch(cfg.model, num_classes), path)
     model = build_model(cfg.model, num_classes)
-    load_model_state(model, ckpt["model"], checkpoint)
+    load_model_state(model, src.state, path)
     model.eval()
     return model, cfg, meta
+
+
+def _load_bare_weights(src: ModelFile, args):
+    from ..models import load_weights
+    from .builder import build_model
+
+    # The class count is the weights' own: a config has none (training takes it from the data),
+    # and a torchvision COCO state_dict's 91 classes would fit no dataset-derived count anyway.
+    num_classes = src.num_classes
+    name = args.config if args.config is not None else DEFAULT_WEIGHTS_CONFIG
+    cfg = config_from_args(args, default=DEFAULT_WEIGHTS_CONFIG)
+    if args.config is None:
+        log.info("bare weights carry no config: the model is built from config %r (torchvision's "
+                 "maskrcnn_resnet50_fpn layout); name another with --config", name)
+    model = build_model(cfg.model, num_classes)
+    try:
+        # The fine-tuning loader: it drops BatchNorm step counters (torchvision's untrained models
+        # have them) and names the keys that do not fit; nothing may be skipped here.
+        load_weights(model, src.state, skip_mismatched=False)
+    except ValueError as exc:
+        m = cfg.model
+        raise CheckpointError(
+            f"weights {src.path!r} do not fit the model of config {name!r} (backbone {m.backbone}, norm {m.norm}, "
+            f"fpn_channels {m.fpn_channels}, box_head_dim {m.box_head_dim}, mask_head_channels "
+            f"{list(m.mask_head_channels)}, head_norm {m.head_norm}, {num_classes} classes): {exc}. Give the config "
+            "the weights were made with (--config, --set model.KEY=VALUE)") from None
+    model.eval()
+    log.info("%s: bare weights with %d classes (background included)", src.path, num_classes)
+    return model, cfg, {"num_classes": num_classes, "class_names": None, "label_to_cat_id": None}
+
+
+def resolve_classes(meta: dict, categories: list[tuple[int, str]] | None, where: str, path: str, *,
+                    strict: bool) -> dict:
+    """Give bare weights' ``meta`` class names and a label -> category id map, in place.
+
+    ``categories`` (``(id, name)`` pairs of the data the command uses, or None) decide:
+
+    - as many categories as the weights have classes: label k is the k-th category in id
+      order, as fastmask's training numbers them;
+    - else 91 classes and category ids within 1..90 (or no categories): torchvision's COCO
+      convention, label k is COCO category id k, named by :data:`COCO_CLASS_NAMES`;
+    - else, when ``strict`` (evaluation, whose scores would be meaningless): CheckpointError;
+      otherwise (prediction) labels stand for category ids and are named ``class_k``.
+    """
+    n = int(meta["num_classes"]) - 1
+    if categories is not None and len(categories) == n:
+        cats = sorted(categories)
+        meta["class_names"] = ["__background__"] + [str(name) for _, name in cats]
+        meta["label_to_cat_id"] = {k + 1: int(c) for k, (c, _) in enumerate(cats)}
+        log.info("the weights' %d classes are the categories of %s, in id order", n, where)
+    elif n == len(COCO_CLASS_NAMES) - 1 and (categories is None or all(1 <= c <= n for c, _ in categories)):
+        meta["class_names"] = list(COCO_CLASS_NAMES)
+        meta["label_to_cat_id"] = {k: k for k in range(1, n + 1)}
+        log.info("the weights' 91 classes are read as torchvision's COCO labels (label = COCO category id)%s",
+                 "" if categories is None else f"; {where} has {len(categories)} of those categories")
+    elif strict:
+        ids = sorted(c for c, _ in categories or [])
+        raise CheckpointError(
+            f"weights {path!r} score {n} classes, but {where} has {len(ids)} categories (ids {ids[:10]}"
+            f"{', ...' if len(ids) > 10 else ''}): evaluate them on the data they were trained for "
+            "(--set data.val.annotations=JSON data.val.images=DIR), or use a fastmask checkpoint, which "
+            "stores its categories")
+    else:
+        meta["class_names"] = ["__background__"] + [f"class_{k}" for k in range(1, n + 1)]
+        meta["label_to_cat_id"] = {k: k for k in range(1, n + 1)}
+        log.info("%s has no class names and %s does not have its %d classes: labels are written as category "
+                 "ids and named class_1..class_%d", path, where, n, n)
+    return meta
+
+
+def config_categories(data: DataConfig) -> tuple[list[tuple[int, str]] | None, str]:
+    """``(id, name)`` pairs of the validation split the config describes, without building it, and where from.
+
+    None when its annotation file is absent or unreadable: prediction does not need it.
+    """
+    from ..data import read_coco_json
+
+    split = data.val
+    if split.annotations is None:
+        # The synthetic generator numbers its categories 1..K in the order of data.synthetic.classes.
+        return [(k + 1, name) for k, name in enumerate(data.synthetic.classes)], "data.synthetic.classes"
+    where = f"the annotations {split.annotations!r}"
+    if not os.path.isfile(split.annotations):
+        return None, where
+    try:
+        cats = read_coco_json(split.annotations)["categories"]
+        return [(int(c["id"]), str(c.get("name", c["id"]))) for c in cats], where
+    except (DatasetError, KeyError, TypeError, ValueError) as exc:
+        log.info("class names not read from %s: %s", split.annotations, exc)
+        return None, where

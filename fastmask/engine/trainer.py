@@ -36,7 +36,7 @@ from ..data import DatasetError, TrainBatchSampler, build_dataset, collate, orie
 from . import distributed as du
 from .builder import LRSchedule, build_model, build_optimizer, build_scheduler, load_backbone_weights, model_arch
 from .checkpoint import (FINAL, FORMAT, LAST, CheckpointError, check_architecture, load_checkpoint,
-                         load_model_state, rng_state, save_atomic, set_rng_state)
+                         load_model_state, read_model_file, rng_state, save_atomic, set_rng_state)
 from .evaluation import evaluate, format_tables, images_to_device
 from .metrics import MetricsWriter, plot_loss_curves
 
@@ -154,16 +154,16 @@ def load_initial_weights(model, cfg: TrainConfig, weights: str | None) -> None:
         log.info("loaded backbone weights from %s", cfg.model.backbone_weights)
     path = weights or cfg.model.weights
     if path:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"weights file {path!r} does not exist")
+        # The same reader as evaluate/predict --weights: a fastmask checkpoint gives its model, a
+        # torchvision or fastmask state_dict is taken as it is; anything else is refused by name.
+        src = read_model_file(path, "weights")
         try:
-            skipped = load_weights(model, path)
+            skipped = load_weights(model, src.state)
         except ValueError as exc:
             raise CheckpointError(f"weights {path!r}: {exc}") from None
-        except Exception as exc:  # torch.load raises many types for a foreign or truncated file
-            raise CheckpointError(f"weights {path!r} cannot be read: {str(exc).splitlines()[0]}") from None
-        log.info("loaded weights from %s%s", path, f" (kept initial values for {len(skipped)} tensors "
-                 f"whose shapes differ: {', '.join(skipped)})" if skipped else "")
+        kind = "the model of a fastmask checkpoint" if src.kind == "checkpoint" else "a state dict"
+        log.info("loaded weights from %s (%s)%s", path, kind, f"; kept initial values for {len(skipped)} tensors "
+                 f"whose shapes differ (another class count): {', '.join(skipped)}" if skipped else "")
 
 
 def to_device_targets(targets, device: torch.device) -> list[dict]:

@@ -10,6 +10,9 @@ work (100 masks pasted per image).
 Inference providers, per batch and precision:
 - ``torchvision``, ``fastmask-<backend>``: eager ``model(images)``, per-image lists out (for
   fastmask: the static path, then one host sync to trim the padding);
+- ``torchvision accelerated``: torchvision's model after ``fastmask.accelerate`` (its RoI
+  poolers, proposal step, box post-processing and mask paste on fastmask's ops), fp32 and
+  bf16, inference and training;
 - ``fastmask-<backend> static``: ``model.forward_padded(images)``, padded outputs left on the
   device (no host sync); timed for the backend that is the product on the device (Triton on
   a GPU, the reference on the CPU);
@@ -25,11 +28,13 @@ post-processing) from the PyTorch profiler, for fastmask and torchvision.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
 from .common import bench, record, row, sync
 
+ACCELERATED = "torchvision accelerated"
 FULL = {"hw": (800, 1333), "batches": (1, 2), "train_batch": 2}
 QUICK = {"hw": (192, 256), "batches": (1,), "train_batch": 1, "min_size": 192, "max_size": 256}
 
@@ -50,7 +55,11 @@ def _models(device: str, quick: bool):
     backbone = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
         backbone_name="resnet50", weights=None, trainable_layers=3)
     tv = torchvision.models.detection.MaskRCNN(backbone, num_classes=91, **kw)
-    models = {"torchvision": tv}
+    # torchvision's own model with fastmask's ops swapped in (fastmask.accelerate): what a
+    # torchvision user gets from one call, keeping their model and training code.
+    accelerated = copy.deepcopy(tv)
+    fastmask.accelerate(accelerated, backend="triton" if device.startswith("cuda") else "torch")
+    models = {"torchvision": tv, ACCELERATED: accelerated}
     backends = ["triton", "torch"] if device.startswith("cuda") else ["torch"]
     for b in backends:
         m = fastmask.maskrcnn_resnet50_fpn(backend=b, **kw)
@@ -232,6 +241,9 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
     def timed(name: str, mode: str, batch: int, train: bool = False) -> bool:
         # On the GPU the torch backend (the readable reference, 0.5-1 s a call) is timed once,
         # fp32 inference at batch 1, to show what the kernels replace; the rest is the product.
+        # The accelerated torchvision model: fp32 and bf16 (TF32 adds nothing to its story).
+        if name == ACCELERATED:
+            return mode != "tf32"
         return not (on_gpu and name == "fastmask-torch" and (train or mode != "fp32" or batch != 1))
 
     # The fastmask model timed on the static path too: the product on the device (the Triton
@@ -311,7 +323,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                             **{"pass": "train"}))
     if not quick and on_gpu:
         for name, m in models.items():
-            if not timed(name, "bf16", 1):
+            if not timed(name, "bf16", 1) or name == ACCELERATED:
                 continue
             m.eval()
             # fastmask: its channels_last setting (weights NHWC, and the batch made NHWC before

@@ -128,3 +128,95 @@ def test_benchmark_rows_and_runner(monkeypatch, tmp_path):
                            "--no-chart"]) == 0
     data = json.loads((tmp_path / "e.json").read_text())
     assert not data["failures"] and {r["provider"] for r in data["rows"]} == set(EVALUATORS)
+
+
+# --------------------------------------------------------------------------- box-local masks
+
+
+def test_box_masks_to_rle_equals_the_full_image_rle():
+    """RLEs made from box-local slabs equal those of the pasted full-image masks, string for
+    string: boxes inside, across the image's borders (bottom rows and first/last columns, where
+    runs of neighbouring columns join), tiny, empty and covering the whole image."""
+    from fastmask import ops
+    from fastmask.engine.evaluation import box_masks_to_rle, masks_to_rle
+
+    g = torch.Generator().manual_seed(0)
+    h, w = 37, 53
+    boxes = torch.tensor([[3.0, 4.0, 20.0, 30.0], [40.0, 20.0, 70.0, 45.0], [-5.0, -6.0, 10.0, 8.0],
+                          [0.0, 0.0, 53.0, 37.0], [10.0, 10.0, 10.4, 10.6], [60.0, 50.0, 80.0, 70.0],
+                          [0.0, 30.0, 53.0, 37.0]])
+    probs = torch.rand(len(boxes), 1, 28, 28, generator=g)
+    probs[-1] = 1.0  # a solid mask on the bottom rows: runs join across columns
+    full = ops.paste_masks(probs, boxes, (h, w), threshold=0.5, backend="torch")
+    local = ops.paste_masks_in_boxes(probs, boxes, threshold=0.5, image_size=(h, w), backend="torch")
+    assert box_masks_to_rle(local, (h, w)) == masks_to_rle(full[:, 0])
+    assert box_masks_to_rle(ops.paste_masks_in_boxes(probs[:0], boxes[:0], threshold=0.5, image_size=(h, w)),
+                            (h, w)) == []
+
+
+@pytest.mark.model
+def test_box_local_evaluation_gives_the_full_size_numbers(tmp_path):
+    """A model returning box-local masks (what evaluation now asks of fastmask's model) gives the
+    same COCO results, RLE for RLE, and the same AP as the full-image masks, on a generated set."""
+    from test_cli import _dataset
+    from test_model_common import randomize_
+
+    from fastmask.data.coco import CocoDetection
+    from fastmask.engine.evaluation import coco_evaluate, run_inference
+    from fastmask.models import build_mask_rcnn
+
+    def more_images(data):  # 8 images: the two files reused under new ids, objects moved about
+        for k in range(3, 9):
+            data["images"].append({"id": k, "file_name": "ab"[k % 2] + ".png", "height": 48, "width": 64})
+            x, y = 4 * k, 2 * k
+            data["annotations"].append({"id": 10 + k, "image_id": k, "category_id": (4, 6, 9)[k % 3],
+                                        "bbox": [x, y, 16, 14], "iscrowd": 0, "area": 224,
+                                        "segmentation": [[x, y, x + 16, y, x + 16, y + 14, x, y + 14]]})
+
+    dataset = CocoDetection(*_dataset(tmp_path, more_images))
+    torch.manual_seed(0)
+    model = build_mask_rcnn(4, backbone="resnet18", backend="torch", min_size=48, max_size=64,
+                            rpn_post_nms_top_n_test=50, box_detections_per_img=10, box_score_thresh=0.0,
+                            fpn_channels=32, box_head_dim=64, mask_head_channels=(32,))
+    randomize_(model, torch.Generator().manual_seed(1))
+
+    class FullMasks(torch.nn.Module):  # no mask_output setting: evaluation gets full-image masks
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, images):
+            return self.m(images)
+
+    device = torch.device("cpu")
+    box_bbox, box_segm, _ = run_inference(model, dataset, device, progress=False)
+    full_bbox, full_segm, _ = run_inference(FullMasks(model), dataset, device, progress=False)
+    assert model.mask_output == "image" and model.mask_threshold is None  # restored after evaluation
+    assert len(box_segm) == 8 * 10 and box_segm == full_segm and box_bbox == full_bbox
+    box_ap = coco_evaluate(dataset.coco, box_bbox, box_segm, dataset.ids)
+    assert box_ap == coco_evaluate(dataset.coco, full_bbox, full_segm, dataset.ids)
+
+
+def test_model_box_masks_fill_the_image_masks():
+    """mask_output="box": each mask's slab, put at its window, is the full-image mask."""
+    from test_model_common import make_image, randomize_
+
+    from fastmask.models import build_mask_rcnn
+
+    torch.manual_seed(0)
+    model = build_mask_rcnn(4, backbone="resnet18", backend="torch", min_size=64, max_size=96,
+                            rpn_post_nms_top_n_test=50, box_detections_per_img=10, box_score_thresh=0.0,
+                            fpn_channels=32, box_head_dim=64, mask_head_channels=(32,), mask_threshold=0.5).eval()
+    randomize_(model, torch.Generator().manual_seed(1))
+    images = [make_image(64, 90, torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        full = model(images)[0]
+        model.mask_output = "box"
+        local = model(images)[0]
+    assert torch.equal(local["boxes"], full["boxes"]) and len(full["boxes"]) > 0
+    rebuilt = torch.zeros_like(full["masks"][:, 0])
+    for i, (x0, y0, x1, y1) in enumerate(local["masks"].windows.tolist()):
+        rebuilt[i, y0:y1, x0:x1] = local["masks"].masks[i, :y1 - y0, :x1 - x0]
+    assert torch.equal(rebuilt, full["masks"][:, 0])
+    with pytest.raises(ValueError, match="mask_output"):
+        model.mask_output = "rle"

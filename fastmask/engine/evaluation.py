@@ -5,10 +5,11 @@ installed (``pip install "fastmask[fast-eval]"``), its C++ port of the same eval
 (``evaluator="faster-coco-eval"``): the same 12 numbers (within 1e-12), 3-4x faster on the
 generated sets of ``python -m benchmarks.bench_eval``.
 
-Masks reach the RLE encoder as bool: the model is run with ``mask_threshold`` set, so its
-paste step writes one bool per pixel (``fastmask.ops.paste_masks(..., threshold=...)``)
-instead of full-image float probabilities, and masks are moved to the CPU and encoded a
-few at a time.
+Masks reach the RLE encoder as bool and box-local: a fastmask model is run with
+``mask_threshold`` set and ``mask_output="box"``, so it pastes each mask into its own box only,
+one bool per pixel (``fastmask.ops.paste_masks_in_boxes``), and the RLEs are made from those
+slabs (:func:`box_masks_to_rle`): no full-image mask exists on the device or the host. Another
+model's full-image masks are encoded a few at a time (:func:`masks_to_rle`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import time
 import warnings
 
+import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -27,6 +29,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from ..data import InferenceSampler, collate
+from ..ops.masks import BoxMasks
 from . import distributed as du
 
 log = logging.getLogger(__name__)
@@ -55,15 +58,64 @@ def masks_to_rle(masks: torch.Tensor) -> list[dict]:
     return out
 
 
-def detections_to_coco(output: dict, image_id: int, label_to_cat_id: dict[int, int]) -> tuple[list, list]:
-    """One image's model output as COCO results: ``(bbox results, segm results)``."""
+def box_masks_to_rle(box_masks: BoxMasks, image_size: tuple[int, int]) -> list[dict]:
+    """COCO compressed RLEs of box-local masks (``BoxMasks`` with windows clipped to the image,
+    as ``paste_masks_in_boxes(..., image_size=...)`` returns them), made from the slabs alone:
+    no full-image mask is ever built. The same RLEs as :func:`masks_to_rle` of the pasted masks.
+
+    COCO's RLE runs over the image in column-major order. Each slab column, padded with a zero
+    above and below, holds its own runs (they never cross into the next column), so the run
+    boundaries are the slab's value changes mapped to image positions; a one-run ending at the
+    image's bottom row and one starting at the top of the next column meet at the same
+    position, and that boundary pair is dropped (the runs join, as the encoder joins them);
+    so is the boundary at the image's end (no empty last run, as the encoder writes none).
+    """
+    h, w = image_size
+    masks, windows = box_masks
+    n = masks.shape[0]
+    if n == 0:
+        return []
+    if masks.dtype != torch.bool:
+        masks = masks > MASK_THRESHOLD
+    slab = masks.to(device="cpu", dtype=torch.int8).numpy()
+    win = windows.cpu().numpy()
+    sh, sw = slab.shape[1:]
+    cols = np.zeros((n, sw, sh + 2), dtype=np.int8)
+    cols[:, :, 1:-1] = slab.transpose(0, 2, 1)
+    mask_id, pos = np.nonzero(np.diff(cols.reshape(n, -1), axis=1))
+    pos = pos + 1  # the first position of each new run, in the padded column-major slab
+    col, row = np.divmod(pos, sh + 2)
+    at = (win[mask_id, 0] + col) * h + win[mask_id, 1] - 1 + row
+    joined = (at[1:] == at[:-1]) & (mask_id[1:] == mask_id[:-1])
+    keep = at < h * w  # a one-run ending with the image has no zero-run after it
+    keep[1:] &= ~joined
+    keep[:-1] &= ~joined
+    mask_id, at = mask_id[keep], at[keep]
+    bounds = np.searchsorted(mask_id, np.arange(n + 1))
+    runs = [{"size": [h, w], "counts": np.diff(np.concatenate(([0], at[a:b], [h * w]))).tolist()}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    out = mask_utils.frPyObjects(runs, h, w)
+    for rle in out:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return out
+
+
+def detections_to_coco(output: dict, image_id: int, label_to_cat_id: dict[int, int],
+                       image_size: tuple[int, int] | None = None) -> tuple[list, list]:
+    """One image's model output as COCO results: ``(bbox results, segm results)``. Masks are
+    full-image Tensor[N, 1, H, W], or box-local ``BoxMasks`` (then ``image_size`` is needed)."""
     boxes = output["boxes"].float().cpu()
     scores = output["scores"].float().cpu().tolist()
     labels = output["labels"].cpu().tolist()
     masks = output["masks"]
-    if masks.dtype != torch.bool:
-        masks = masks > MASK_THRESHOLD
-    rles = masks_to_rle(masks[:, 0]) if len(labels) else []
+    if isinstance(masks, BoxMasks):
+        if image_size is None:
+            raise ValueError("box-local masks need the image size to be encoded")
+        rles = box_masks_to_rle(masks, image_size)
+    else:
+        if masks.dtype != torch.bool:
+            masks = masks > MASK_THRESHOLD
+        rles = masks_to_rle(masks[:, 0]) if len(labels) else []
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     bbox_res, segm_res = [], []
     for b, s, l, rle in zip(xywh, scores, labels, rles):
@@ -79,13 +131,19 @@ def images_to_device(images, device: torch.device) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _mask_threshold(model, value):
-    old = getattr(model, "mask_threshold", None)
-    model.mask_threshold = value
+def _mask_settings(model, threshold):
+    """The model thresholds its masks while pasting and, where it can (fastmask's MaskRCNN),
+    returns them box-local: no full-image mask is made on the device or copied to the host."""
+    old = getattr(model, "mask_threshold", None), getattr(model, "mask_output", None)
+    model.mask_threshold = threshold
+    if old[1] is not None:
+        model.mask_output = "box"
     try:
         yield
     finally:
-        model.mask_threshold = old
+        model.mask_threshold = old[0]
+        if old[1] is not None:
+            model.mask_output = old[1]
 
 
 @torch.no_grad()
@@ -102,13 +160,14 @@ def run_inference(model, dataset, device: torch.device, *, batch_size: int = 1, 
     bar = tqdm(total=len(sampler), desc="evaluate", unit="img", disable=not (progress and info.is_main),
                dynamic_ncols=True, leave=False)
     try:
-        with _mask_threshold(model, MASK_THRESHOLD):
+        with _mask_settings(model, MASK_THRESHOLD):
             for images, targets in loader:
                 images = images_to_device(images, device)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     outputs = model(images)
-                for out, target in zip(outputs, targets):
-                    b, s = detections_to_coco(out, int(target["image_id"]), dataset.label_to_cat_id)
+                for out, target, image in zip(outputs, targets, images):
+                    b, s = detections_to_coco(out, int(target["image_id"]), dataset.label_to_cat_id,
+                                              tuple(image.shape[-2:]))
                     bbox_res.extend(b)
                     segm_res.extend(s)
                 bar.update(len(images))

@@ -17,13 +17,14 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from fastmask import ops
 from fastmask.ops._backend import check_backend_name
 
 from .fpn import FPN_CHANNELS, ResNetFPN
 from .resnet import NORMS
 from .roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads, RoIHeadsConfig, trim
 from .rpn import RegionProposalNetwork, RPNConfig
-from .transform import RCNNTransform, TransformConfig, check_images, check_targets
+from .transform import MASK_PASTE_PADDING, RCNNTransform, TransformConfig, check_images, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 # Parameters whose shapes depend on the number of classes: the only ones a fine-tuning load
 # may skip.
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
+MASK_OUTPUTS = ("image", "box")
 CLASS_DEPENDENT_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
 
@@ -51,7 +53,7 @@ class MaskRCNN(nn.Module):
 
     def __init__(self, backbone: nn.Module, transform: RCNNTransform, rpn: RegionProposalNetwork,
                  roi_heads: RoIHeads, mask_threshold: float | None = None, *, channels_last: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, mask_output: str = "image"):
         super().__init__()
         self.transform = transform
         self.backbone = backbone
@@ -61,6 +63,21 @@ class MaskRCNN(nn.Module):
         self._channels_last = False
         self.channels_last = channels_last
         self.autocast_dtype = autocast_dtype
+        self.mask_output = mask_output
+
+    @property
+    def mask_output(self) -> str:
+        """How ``model(images)`` returns masks: ``"image"`` (Tensor[N, 1, H, W], the input
+        image's size, as torchvision) or ``"box"`` (``fastmask.ops.BoxMasks``: each mask pasted
+        into its own box only, with its window in the image; no full-image mask is made, e.g.
+        100 bool masks at 800x1333 are 107 MB). ``forward_padded`` always pastes full images."""
+        return self._mask_output
+
+    @mask_output.setter
+    def mask_output(self, value: str) -> None:
+        if value not in MASK_OUTPUTS:
+            raise ValueError(f"mask_output must be one of {MASK_OUTPUTS}, got {value!r}")
+        self._mask_output = value
 
     @property
     def channels_last(self) -> bool:
@@ -103,8 +120,14 @@ class MaskRCNN(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         check_images(images)
         if not self.training:  # targets are not used for inference, as torchvision
-            detections = self._detect(images)
-            return trim(detections, [(int(im.shape[-2]), int(im.shape[-1])) for im in images])
+            sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+            if self._mask_output == "image":
+                return trim(self._detect(images), sizes)
+            detections = trim(self._detect(images, paste=False))
+            for det, size in zip(detections, sizes):  # one host read per image: the largest box
+                det["masks"] = ops.paste_masks_in_boxes(det["masks"], det["boxes"], MASK_PASTE_PADDING,
+                                                        self.mask_threshold, size, backend=self.transform.backend)
+            return detections
         check_targets(targets, images)
         image_list, targets = self.transform(images, targets)
         features = self._features(image_list)
@@ -137,14 +160,15 @@ class MaskRCNN(nn.Module):
         check_images(images)
         return self._detect(images)
 
-    def _detect(self, images: list[Tensor]) -> dict[str, Tensor]:
+    def _detect(self, images: list[Tensor], paste: bool = True) -> dict[str, Tensor]:
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         image_list, _ = self.transform(images)
         with self._autocast(images[0].device):
             features = self._features(image_list)
             proposals, counts = self.rpn.propose_padded(image_list, features)
             detections = self.roi_heads.detect(features, proposals, counts, image_list.image_sizes)
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes, self.mask_threshold)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes, self.mask_threshold,
+                                          paste=paste)
 
     def _features(self, image_list) -> dict[str, Tensor]:
         batch = image_list.tensors
@@ -203,8 +227,8 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
             ``frozen_bn_eps`` (1e-5; torchvision's COCO checkpoint was made with 0.0);
             ``box_candidates_per_img`` (4096: candidates per image sent to the box head's NMS,
             see ``RoIHeads.postprocess_padded``); ``channels_last`` (False) and
-            ``autocast_dtype`` (None, ``torch.bfloat16`` or ``torch.float16``), the inference
-            settings of :class:`MaskRCNN`.
+            ``autocast_dtype`` (None, ``torch.bfloat16`` or ``torch.float16``) and
+            ``mask_output`` (``"image"`` or ``"box"``), the inference settings of :class:`MaskRCNN`.
         Head sizes (defaults keep torchvision's layout; smaller ones make a lighter model
         that trains from scratch but no longer loads torchvision checkpoints):
         ``fpn_channels`` (256; only with a named backbone), ``box_head_dim`` (1024),
@@ -219,6 +243,7 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
     mask_threshold = kwargs.pop("mask_threshold", None)
     channels_last = kwargs.pop("channels_last", False)
     autocast_dtype = kwargs.pop("autocast_dtype", None)
+    mask_output = kwargs.pop("mask_output", "image")
     frozen_bn_eps = kwargs.pop("frozen_bn_eps", 1e-5)
     fpn_channels = kwargs.pop("fpn_channels", None)
     head_norm = kwargs.pop("head_norm", None)
@@ -253,7 +278,7 @@ def build_mask_rcnn(num_classes: int = 91, *, backbone: str | nn.Module = "resne
                          mask_roi_pool=mask_roi_pool, box_head_dim=box_head_dim,
                          mask_head_channels=mask_head_channels, head_norm=head_norm)
     return MaskRCNN(backbone, transform, rpn, roi_heads, mask_threshold=mask_threshold, channels_last=channels_last,
-                    autocast_dtype=autocast_dtype)
+                    autocast_dtype=autocast_dtype, mask_output=mask_output)
 
 
 def maskrcnn_resnet50_fpn(num_classes: int = 91, backend: str | None = None, **kwargs) -> MaskRCNN:

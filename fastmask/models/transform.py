@@ -244,13 +244,15 @@ class RCNNTransform(nn.Module):
         return ImageList(self.batch_images(out_images), sizes), (out_targets if targets is not None else None)
 
     def postprocess(self, detections: dict[str, Tensor], image_sizes: list[tuple[int, int]],
-                    original_sizes: list[tuple[int, int]], mask_threshold: float | None = None) -> dict[str, Tensor]:
+                    original_sizes: list[tuple[int, int]], mask_threshold: float | None = None, *,
+                    paste: bool = True) -> dict[str, Tensor]:
         """Map padded detections (``boxes`` Tensor[B, D, 4], ``masks`` Tensor[B, D, 1, M, M]) back
         to the original image sizes: boxes scaled, masks pasted into Tensor[B, D, 1, H, W]
         with (H, W) the largest original size (image i's masks fill its top-left
         ``original_sizes[i]``; zeros elsewhere). Masks are float probabilities, or, with
         ``mask_threshold``, bool ``probability > mask_threshold`` (``paste_masks`` thresholds
         as it pastes). Static shapes, no host sync; the other entries pass through.
+        ``paste=False`` leaves the masks as they are (only the boxes are scaled).
         """
         out = dict(detections)
         boxes = detections["boxes"]
@@ -259,7 +261,7 @@ class RCNNTransform(nn.Module):
         ratios = [_ratios(orig, size) for size, orig in zip(image_sizes, original_sizes)]
         table = cached_table(tuple(v for rh, rw in ratios for v in (rw, rh, rw, rh)), torch.float32, boxes.device)
         out["boxes"] = boxes * table.view(-1, 1, 4)
-        if "masks" not in detections:
+        if "masks" not in detections or not paste:
             return out
         masks, boxes = detections["masks"], out["boxes"]
         b, d = masks.shape[:2]

@@ -29,10 +29,10 @@ from .transform import MASK_PASTE_PADDING, RCNNTransform, TransformConfig, check
 log = logging.getLogger(__name__)
 
 BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)  # MaskRCNN.autocast_dtype
+MASK_OUTPUTS = ("image", "box")  # MaskRCNN.mask_output
 # Parameters whose shapes depend on the number of classes: the only ones a fine-tuning load
 # may skip.
-AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
-MASK_OUTPUTS = ("image", "box")
 CLASS_DEPENDENT_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
 

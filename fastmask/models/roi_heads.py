@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmask import ops
-from fastmask.ops._device import cached_table, to_device_async
 
 from .fpn import conv_norm
 from .losses import fastrcnn_losses, mask_loss, mask_targets
@@ -219,12 +218,11 @@ class RoIHeads(nn.Module):
         ``ops.rpn_proposals_padded`` returns them): :meth:`postprocess_padded`'s outputs plus
         ``masks`` Tensor[B, D, 1, 28, 28], the probability mask of each detection's class
         (zeros on the padding rows). Static shapes, no host sync."""
-        b, m = proposals.shape[:2]
         box_features = self.box_head(self.box_roi_pool(features, list(proposals.unbind(0)), image_sizes))
         class_logits, box_regression = map(full_precision, self.box_predictor(box_features))
         det = self.postprocess_padded(class_logits, box_regression, proposals, proposal_counts, image_sizes)
         boxes = det["boxes"]
-        d = boxes.shape[1]
+        b, d = boxes.shape[:2]
         mask_logits = full_precision(self.mask_predictor(self.mask_head(
             self.mask_roi_pool(features, list(boxes.unbind(0)), image_sizes))))
         # The mask of each detection's own class; sigmoid after the selection (same values,
@@ -240,9 +238,8 @@ class RoIHeads(nn.Module):
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict] | None = None):
         if not self.training:  # torchvision's interface: per-image lists in, per-image dicts out
-            padded, _ = pad_boxes(proposals)
-            counts = to_device_async([len(p) for p in proposals], torch.int64, padded.device)
-            return trim(self.detect(features, padded, counts, image_sizes)), {}
+            padded, valid = pad_boxes(proposals)
+            return trim(self.detect(features, padded, valid.sum(dim=1), image_sizes)), {}
         if targets is None:
             raise ValueError("targets must be given in training mode")
         proposals, labels, matched, pos_targets, pos_rows, num_pos = self.select_training_samples(proposals, targets)
@@ -259,10 +256,10 @@ class RoIHeads(nn.Module):
 
 
 def postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_counts: Tensor,
-                   image_sizes: list[tuple[int, int]], *, box_weights=(10.0, 10.0, 5.0, 5.0),
-                   bbox_xform_clip: float = ops.boxes.BBOX_XFORM_CLIP, score_thresh: float = 0.05,
-                   nms_thresh: float = 0.5, detections_per_img: int = 100, candidates_per_img: int = 4096,
-                   backend: str | None = None) -> dict[str, Tensor]:
+                       image_sizes: list[tuple[int, int]], *, box_weights=(10.0, 10.0, 5.0, 5.0),
+                       bbox_xform_clip: float = ops.boxes.BBOX_XFORM_CLIP, score_thresh: float = 0.05,
+                       nms_thresh: float = 0.5, detections_per_img: int = 100, candidates_per_img: int = 4096,
+                       backend: str | None = None) -> dict[str, Tensor]:
     """Boxes, scores and labels of a padded batch (see the module docs), with static shapes
     and no host sync.
 
@@ -284,9 +281,9 @@ def postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: 
     num_classes = class_logits.shape[-1]
     c = num_classes - 1  # foreground classes: candidate r * c + (label - 1) is proposal r with label
     device = proposals.device
-    clip_to = image_size_rows(image_sizes, m, device)
-    boxes = ops.decode_boxes(box_regression, proposals.reshape(-1, 4), box_weights, bbox_xform_clip, clip_to=clip_to,
-                             backend=backend).reshape(b, m, num_classes, 4)[:, :, 1:].reshape(b, m * c, 4)
+    clip_to = ops.boxes.per_row_image_sizes(image_sizes, [m] * b, device)
+    boxes = ops.decode_boxes(box_regression, proposals.reshape(-1, 4), box_weights, bbox_xform_clip,
+                             clip_to=clip_to, backend=backend).reshape(b, m, num_classes, 4)[:, :, 1:].reshape(b, m * c, 4)
     scores = F.softmax(class_logits, -1)[:, 1:].reshape(b, m * c)
     is_proposal = torch.arange(m, device=device) < proposal_counts[:, None]
     wh = boxes[..., 2:] - boxes[..., :2]
@@ -301,8 +298,7 @@ def postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: 
     cand_valid = valid.gather(1, order)
     cand_labels = order % c + 1
     # One NMS for the batch, groups (image, class); a keep mask needs no sync.
-    kept = ops.nms_keep_mask(cand_boxes, cand_scores, nms_thresh, cand_labels, cand_valid,
-                             backend=backend)
+    kept = ops.nms_keep_mask(cand_boxes, cand_scores, nms_thresh, cand_labels, cand_valid, backend=backend)
     # The candidates are in score order: the first D kept of each image are its detections.
     d = detections_per_img
     chosen = kept & (torch.cumsum(kept, dim=1) <= d)
@@ -319,13 +315,6 @@ def postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: 
     out["counts"] = counts
     out["truncated"] = (valid.sum(dim=1) > k) & (counts < d)
     return out
-
-
-def image_size_rows(image_sizes: list[tuple[int, int]], rows: int, device: torch.device) -> Tensor:
-    """Float Tensor[B * rows, 2]: each image's ``(h, w)`` repeated for its ``rows`` rows (the
-    per-row ``clip_to`` of ``ops.decode_boxes``), from a cached table: no copy on a repeat call."""
-    sizes = cached_table(tuple(float(v) for hw in image_sizes for v in hw), torch.float32, device)
-    return sizes.view(-1, 1, 2).expand(len(image_sizes), rows, 2).reshape(-1, 2)
 
 
 def trim(detections: dict[str, Tensor], image_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, resolve_backend
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
-from ._device import device_constant, to_device_async
+from ._device import cached_table, device_constant
 from ._library import register
 
 # Largest log-scale change decoded: a box at most 1000 px wide from a 16 px anchor.
@@ -182,14 +182,18 @@ def per_row_image_sizes(image_sizes: Sequence[Sequence[int]], rows_per_image: Se
     """Float Tensor[sum(rows_per_image), 2] of ``(h, w)``: image i's size repeated for its rows.
 
     Builds the per-row ``clip_to`` of :func:`decode_boxes` for a batch of images without a
-    device sync (the small table is copied from pinned memory, asynchronously).
+    device sync or a per-call copy: the sizes (and uneven row counts) are cached device tables
+    (``_device.cached_table``), expanded on the device; an even count (a padded batch) is a
+    broadcast, so a CUDA graph can hold it. Treat the result as read-only.
     """
     if len(image_sizes) != len(rows_per_image):
         raise ValueError(f"image_sizes has {len(image_sizes)} entries but rows_per_image has {len(rows_per_image)}")
-    sizes = torch.tensor([list(_image_size(f"image_sizes[{i}]", s)) for i, s in enumerate(image_sizes)],
-                         dtype=torch.float32).reshape(-1, 2)
-    counts = torch.tensor(list(rows_per_image), dtype=torch.int64)
-    return to_device_async(sizes.repeat_interleave(counts, dim=0), torch.float32, device)
+    values = tuple(v for i, s in enumerate(image_sizes) for v in _image_size(f"image_sizes[{i}]", s))
+    sizes = cached_table(values, torch.float32, device).view(-1, 2)
+    rows = [int(r) for r in rows_per_image]
+    if len(set(rows)) <= 1:
+        return sizes[:, None].expand(-1, rows[0] if rows else 0, 2).reshape(-1, 2)
+    return sizes.repeat_interleave(cached_table(tuple(rows), torch.int64, device), dim=0, output_size=sum(rows))
 
 
 def _check_clip_to(clip_to, n: int, device: torch.device):

@@ -151,9 +151,9 @@ def rpn_candidates_triton(objectness: Tensor, deltas: Tensor, anchors: Tensor | 
     device = objectness.device
     logits, idx, ks = level_topk(objectness, num_anchors_per_level, pre_nms_top_n)
     scores = torch.sigmoid(logits)
-    # One small int64 table, copied to the device once per geometry (cached): per level (start column, first anchor,
-    # cells per location, grid width, stride_y, stride_x), then the cell anchors padded to
-    # the widest level, then each image's (h, w).
+    # One small int64 table, copied to the device once per geometry (cached): per level
+    # (start column, first anchor, cells per location, grid width, stride_y, stride_x), then
+    # the cell anchors padded to the widest level, then each image's (h, w).
     num_levels = len(ks)
     col_starts = list(itertools.accumulate(ks[:-1], initial=0))
     anchor_starts = list(itertools.accumulate(num_anchors_per_level[:-1], initial=0))

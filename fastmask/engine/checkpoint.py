@@ -9,8 +9,15 @@ A checkpoint is one ``torch.save`` file holding a dict:
 - ``meta``: ``num_classes``, ``class_names``, ``label_to_cat_id`` and ``arch`` (the model
   settings that decide the tensor shapes), so evaluation and prediction need nothing else.
 
-It is written to a temporary file in the same folder, flushed to disk and renamed over the
-old one, so a crash or a full disk never leaves a truncated checkpoint in its place.
+It is written to a temporary file in the same folder (``<name>.<random>.tmp``), flushed to
+disk and renamed over the old one, so a crash, a kill or a full disk never leaves a
+truncated checkpoint in its place. The writer holds an ``flock`` on its temporary file, so
+the next save of the same name can tell the temporary files of killed saves (unlocked) from
+one being written (locked), and removes the former.
+
+Every record of the archive carries a CRC32 (written whatever
+``torch.serialization.set_crc32_options`` says), and reading verifies them: ``torch.load``
+does not, and would load a checkpoint with a changed byte in a tensor as different weights.
 
 :func:`load_checkpoint` reads a checkpoint to resume from; :func:`read_model_file` reads any
 file of model weights (a checkpoint, or a torchvision or fastmask ``state_dict``) and says
@@ -19,18 +26,25 @@ which it is, for ``--weights`` and ``--checkpoint`` of the commands.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a temporary file in use there cannot be deleted anyway
+    fcntl = None
 
 FORMAT = "fastmask-checkpoint-1"
 LAST = "checkpoint.pth"      # the latest checkpoint of a run, rewritten at every save
@@ -44,30 +58,111 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file and a rename."""
+    """``torch.save(obj, path)`` through a temporary file and a rename.
+
+    Temporary files of earlier saves of ``path`` that were killed mid-write are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            crc = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(True)  # the CRCs are what reading verifies
+            try:
+                torch.save(obj, f)
+            finally:
+                torch.serialization.set_crc32_options(crc)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:
+                # Renamed while still locked: a concurrent cleanup never sees it unlocked under its temporary name.
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that killed saves of ``path`` left; returns their names.
+
+    A temporary file whose writer is alive is locked (``flock``) and kept.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in glob.glob(glob.escape(str(path)) + ".*.tmp"):
+        try:
+            with open(tmp, "rb") as f:
+                if fcntl is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:  # locked by a live writer, already gone, or (Windows) open elsewhere
+            continue
+    return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _damaged_record(path: str) -> str | None:
+    """The first record of the zip archive at ``path`` whose CRC32 does not match, else None.
+
+    Archives written without CRCs (all zero: ``torch.serialization.set_crc32_options(False)``)
+    cannot be checked and pass.
+    """
+    name = None
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            if not any(info.CRC for info in infos if info.file_size):
+                return None
+            for info in infos:
+                name = info.filename
+                with z.open(info) as f:  # ZipExtFile compares the CRC32 when it reaches the end
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error):
+        return name or "its central directory"
+    return None
+
+
+def _not_a_file(noun: str, path: str) -> str | None:
+    if os.path.isdir(path):
+        return f"{noun} {path!r} is a folder, not a file"
+    if not os.path.isfile(path):
+        return f"{noun} {path!r} does not exist"
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A fastmask checkpoint (on the CPU), or :class:`CheckpointError` saying why not."""
     path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if (problem := _not_a_file("checkpoint", path)) is not None:
+        raise CheckpointError(problem)
     # torch.save writes a zip archive; a truncated or foreign file fails this check.
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path!r} is not a PyTorch checkpoint file (truncated or corrupt)")
+    if (record := _damaged_record(path)) is not None:
+        raise CheckpointError(_corrupt("checkpoint", path, record))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -117,8 +212,11 @@ def read_model_file(path: str | os.PathLike, noun: str = "weights") -> ModelFile
     error messages ("weights", "checkpoint"), after the flag the file was given to.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{noun} file {path!r} does not exist")
+    if (problem := _not_a_file(f"{noun} file", path)) is not None:
+        raise CheckpointError(problem)
+    # The pre-zip format (torchvision's published weights) has no checksums to verify.
+    if zipfile.is_zipfile(path) and (record := _damaged_record(path)) is not None:
+        raise CheckpointError(_corrupt(f"{noun} file", path, record))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -155,6 +253,10 @@ def _unreadable(noun: str, path: str) -> str:
     why = "a damaged torch.save archive" if zipfile.is_zipfile(path) else \
         "not a file torch.save wrote, or it is truncated or corrupt"
     return f"{noun} file {path!r} cannot be read: it is {why}"
+
+
+def _corrupt(noun: str, path: str, record: str) -> str:
+    return f"{noun} {path!r} is corrupt: its record {record!r} does not match its CRC32 checksum"
 
 
 def check_architecture(ckpt: dict, arch: dict, path: str) -> None:

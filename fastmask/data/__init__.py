@@ -25,7 +25,10 @@ def split_paths(cfg: DataConfig, split: str) -> tuple[str, str]:
 def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> CocoDetection:
     annotations, images = split_paths(cfg, split)
     transforms = build_train_transforms(cfg.train_min_size, cfg.train_max_size, cfg.hflip_prob) if train else None
-    return CocoDetection(annotations, images, transforms=transforms, invalid=cfg.invalid_annotations)
+    dataset = CocoDetection(annotations, images, transforms=transforms, invalid=cfg.invalid_annotations)
+    if len(dataset) == 0:
+        raise DatasetError(f"annotation file {annotations!r} (data.{split}) lists no images")
+    return dataset
 
 
 __all__ = [

@@ -15,8 +15,9 @@ What is read, and how (COCO's own conventions):
 
 Everything that would fail later is checked when the dataset is opened, and reported with
 the file and the id at fault: a missing or corrupt JSON file, an annotation whose image or
-category is unknown, an invalid polygon, a zero-area box, a missing image file. An image
-that cannot be decoded is reported when it is read.
+category is unknown, whose id is missing or repeated, a malformed box, polygon, RLE, area or
+iscrowd, a zero-area box, a missing image file. An image that cannot be decoded is reported
+when it is read.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message names the file and the id."""
 
 
+# Annotation problems that ``invalid="skip"`` does not skip: they are mistakes of the whole
+# file (or its ids), and skipping would silently drop most of it.
+FATAL = ("unknown image", "unknown category", "a missing or invalid id", "a repeated id", "a missing or invalid area",
+         "a missing or invalid iscrowd")
+
+
 def _listing(items: list) -> str:
     shown = ", ".join(str(i) for i in items[:MAX_LISTED])
     return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
@@ -52,6 +59,8 @@ def _listing(items: list) -> str:
 def read_coco_json(path: str | os.PathLike) -> dict:
     """The parsed annotation file, with its top-level structure checked."""
     path = str(path)
+    if os.path.isdir(path):
+        raise DatasetError(f"annotation file {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise DatasetError(f"annotation file {path!r} does not exist")
     try:
@@ -74,13 +83,55 @@ def read_coco_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def _is_number(v) -> bool:
+    """An int or float, not a bool (JSON's true would pass ``isinstance(v, int)``), and finite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_id(v) -> bool:
+    """COCO's ids are integers (they are sorted, and written back into results as numbers)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _rle_string_pixels(counts: str) -> int | None:
+    """Pixels covered by a compressed RLE string (the sum of its runs), None when it is malformed.
+
+    The format (pycocotools' ``rleToString``): each run is a signed number written 5 bits
+    per character, offset by 48, with 0x20 as the continuation bit and 0x10 the sign of the
+    last character; from the third run on, it is the difference to the run two before.
+    """
+    runs: list[int] = []
+    i, n = 0, len(counts)
+    while i < n:
+        value, shift, more = 0, 0, True
+        while more:
+            if i == n:
+                return None
+            c = ord(counts[i]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i += 1
+            shift += 5
+            if not more and c & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+    return sum(runs)
+
+
 def _segmentation_problem(segm, h: int, w: int) -> str | None:
     """Why ``segm`` cannot be decoded into an ``h x w`` mask, or None."""
     if isinstance(segm, list):
         if not segm:
             return "an empty polygon list"
         for poly in segm:
-            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
+            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in poly):
                 return "a polygon that is not a list of numbers"
             if len(poly) % 2 or len(poly) < 6:
                 return f"an invalid polygon with {len(poly)} coordinates (needs an even number, at least 6)"
@@ -95,8 +146,17 @@ def _segmentation_problem(segm, h: int, w: int) -> str | None:
             return f"an RLE of size {size} on an image of size [{h}, {w}]"
         if not isinstance(counts, (str, list)):
             return "an RLE whose counts are neither a string nor a list"
-        if isinstance(counts, list) and sum(counts) != h * w:
-            return f"an uncompressed RLE whose counts add up to {sum(counts)}, not {h * w}"
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                return "an uncompressed RLE whose counts are not all non-negative integers"
+            if sum(counts) != h * w:
+                return f"an uncompressed RLE whose counts add up to {sum(counts)}, not {h * w}"
+            return None
+        pixels = _rle_string_pixels(counts)
+        if pixels is None:
+            return "a compressed RLE whose counts string is malformed"
+        if pixels != h * w:
+            return f"a compressed RLE whose runs add up to {pixels} pixels, not {h * w}"
         return None
     return f"a segmentation of type {type(segm).__name__}"
 
@@ -164,6 +224,11 @@ class CocoDetection(torch.utils.data.Dataset):
         for img in data["images"]:
             if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
                 raise DatasetError(f"{path!r}: an image entry lacks 'id' or 'file_name': {str(img)[:120]}")
+            if not _is_id(img["id"]):
+                raise DatasetError(f"{path!r}: an image entry has id {img['id']!r}, not an integer")
+            if not isinstance(img["file_name"], str) or not img["file_name"]:
+                raise DatasetError(f"{path!r}: image id {img['id']} has file_name {img['file_name']!r}, not a "
+                                   "file name")
             h, w = img.get("height"), img.get("width")
             if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
                 raise DatasetError(f"{path!r}: image id {img['id']} needs positive integer height and width, "
@@ -175,18 +240,26 @@ class CocoDetection(torch.utils.data.Dataset):
         for cat in data["categories"]:
             if not isinstance(cat, dict) or "id" not in cat:
                 raise DatasetError(f"{path!r}: a category entry lacks 'id': {str(cat)[:120]}")
+            if not _is_id(cat["id"]):
+                raise DatasetError(f"{path!r}: a category entry has id {cat['id']!r}, not an integer")
             cat_ids.add(cat["id"])
         problems: dict[str, list] = {}
         kept = []
+        seen_ids = set()
         for k, ann in enumerate(data["annotations"]):
-            ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
+            has_id = isinstance(ann, dict) and _is_id(ann.get("id"))
+            ann_id = ann["id"] if has_id else f"#{k}"
             reason = self._annotation_problem(ann, images, cat_ids)
+            if reason is None and ann["id"] in seen_ids:
+                reason = "a repeated id", "appears twice (annotation ids must be unique)"
             if reason is None:
+                seen_ids.add(ann["id"])
                 kept.append(ann)
                 continue
             kind, detail = reason
-            if kind in ("unknown image", "unknown category") or invalid == "error":
-                raise DatasetError(f"{path!r}: annotation id {ann_id}: {detail}")
+            if kind in FATAL or invalid == "error":
+                who = f"annotation id {ann_id}" if has_id else f"annotation #{k} (counting from 0)"
+                raise DatasetError(f"{path!r}: {who}: {detail}")
             problems.setdefault(kind, []).append(ann_id)
         for kind, ids in problems.items():
             log.warning("%s: skipped %d annotation(s) with %s: ids %s", path, len(ids), kind, _listing(ids))
@@ -198,15 +271,27 @@ class CocoDetection(torch.utils.data.Dataset):
     def _annotation_problem(ann, images: dict, cat_ids: set) -> tuple[str, str] | None:
         if not isinstance(ann, dict):
             return "malformed entry", "is not a JSON object"
-        if ann.get("image_id") not in images:
+        if "id" not in ann:
+            return "a missing or invalid id", "has no 'id'"
+        if not _is_id(ann["id"]):
+            return "a missing or invalid id", f"has id {ann['id']!r}, not an integer"
+        if not _is_id(ann.get("image_id")) or ann["image_id"] not in images:
             return "unknown image", f"refers to image id {ann.get('image_id')!r}, which is not in 'images'"
-        if ann.get("category_id") not in cat_ids:
+        if not _is_id(ann.get("category_id")) or ann["category_id"] not in cat_ids:
             return "unknown category", (f"has category id {ann.get('category_id')!r}, which is not in 'categories' "
                                         f"(known: {sorted(cat_ids)})")
+        # COCO's evaluation reads both of these from every annotation.
+        if "area" not in ann:
+            return "a missing or invalid area", "has no 'area' (the object's pixel count; COCO's evaluation needs it)"
+        if not _is_number(ann["area"]) or ann["area"] < 0:
+            return "a missing or invalid area", f"has area {ann['area']!r}, not a non-negative number"
+        if "iscrowd" not in ann:
+            return "a missing or invalid iscrowd", "has no 'iscrowd' (0 or 1; COCO's evaluation needs it)"
+        if ann["iscrowd"] not in (0, 1):
+            return "a missing or invalid iscrowd", f"has iscrowd {ann['iscrowd']!r}, not 0 or 1"
         img = images[ann["image_id"]]
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-                and all(math.isfinite(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             return "a malformed bbox", f"bbox must be four finite numbers [x, y, width, height], got {bbox!r}"
         x, y, bw, bh = bbox
         x1, y1 = max(x, 0), max(y, 0)

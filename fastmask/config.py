@@ -285,7 +285,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             mapping = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(mapping, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         try:
@@ -295,6 +299,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     else:
         cfg = TrainConfig()
     return apply_overrides(cfg, overrides)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's reason and position on one line (its own message spans several, with a source excerpt)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def parse_override(text: str) -> tuple[str, Any]:

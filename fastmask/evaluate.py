@@ -28,14 +28,14 @@ import json
 import os
 from pathlib import Path
 
-from .engine.cli import add_config_arguments, add_model_file_arguments, load_for_inference, model_file_arg, \
-    resolve_classes, run_command
+from .engine.cli import (CommandParser, UsageError, add_config_arguments, add_model_file_arguments,
+                         check_output_folder, load_for_inference, model_file_arg, resolve_classes, run_command)
 from .engine.evaluation import EVALUATORS, check_evaluator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastmask.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m fastmask.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_file_arguments(parser)
     add_config_arguments(parser, default_config=None)
     parser.add_argument("--out", default=None, metavar="JSON", help="where to write the results")
@@ -64,6 +64,13 @@ def main(argv=None) -> dict | None:
         info = du.env_dist_info()
         source = model_file_arg(args)
         model, cfg, meta = load_for_inference(args)
+        ckpt = Path(source)
+        path = Path(args.out) if args.out else ckpt.with_name(f"eval_{ckpt.stem}.json")
+        if info.is_main:  # checked before the evaluation, not after it
+            if path.is_dir():
+                raise UsageError(f"--out {str(path)!r} is a folder; give the path of a JSON file")
+            check_output_folder(path.parent, "the folder of --out" if args.out else
+                                "the results folder (the checkpoint's; choose another with --out)")
         device = du.resolve_device(cfg.device, info)
         model.to(device)
         du.init_distributed(device, info)
@@ -89,8 +96,6 @@ def main(argv=None) -> dict | None:
             return
         print(f"{source}: {len(dataset)} images of {dataset.annotation_file}")
         print(format_tables(out))
-        ckpt = Path(source)
-        path = Path(args.out) if args.out else ckpt.with_name(f"eval_{ckpt.stem}.json")
         # "checkpoint" names the evaluated file, whichever flag gave it (the key readers know).
         record = {"checkpoint": str(source), "annotations": dataset.annotation_file,
                   **{k: v for k, v in out.items() if k != "tables"}}
@@ -101,7 +106,7 @@ def main(argv=None) -> dict | None:
         print(f"wrote {path}")
         result.update(out)
 
-    run_command(run)
+    run_command(run, debug=args.debug)
     return result
 
 

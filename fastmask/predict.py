@@ -23,20 +23,30 @@ import json
 import os
 from pathlib import Path
 
-from .engine.cli import (add_config_arguments, add_model_file_arguments, config_categories, load_for_inference,
-                         model_file_arg, resolve_classes, run_command)
+from .engine.cli import (CommandParser, add_config_arguments, add_model_file_arguments, check_output_folder,
+                         config_categories, load_for_inference, model_file_arg, resolve_classes, run_command)
 
 # Detections listed per image on the console (all of them go to results.json).
 MAX_PRINTED = 8
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastmask.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m fastmask.predict", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     add_model_file_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays and results.json")
-    parser.add_argument("--score-thresh", type=float, default=0.5,
+    parser.add_argument("--score-thresh", type=_fraction, default=0.5,
                         help="keep detections at least this confident (default 0.5; 0 keeps all)")
     add_config_arguments(parser, default_config=None)
     return parser
@@ -50,6 +60,8 @@ def read_image(path: str):
 
     from .data import DatasetError
 
+    if os.path.isdir(path):
+        raise DatasetError(f"image file {path!r} is a folder, not an image file")
     try:
         with Image.open(path) as im:
             array = np.array(im.convert("RGB"))
@@ -72,9 +84,8 @@ def main(argv=None) -> list[dict]:
         from .engine.trainer import autocast_dtype, torch_threads
         from .engine.visualize import draw_detections
 
-        if not 0.0 <= args.score_thresh <= 1.0:
-            raise SystemExit(f"error: --score-thresh must be in [0, 1], got {args.score_thresh}")
         images = [read_image(p) for p in args.images]  # every file is checked before the model loads
+        out_dir = check_output_folder(args.out, "--out")
         model, cfg, meta = load_for_inference(args)
         if meta["label_to_cat_id"] is None:  # bare weights: names from the config's data, if they fit
             categories, where = config_categories(cfg.data)
@@ -86,8 +97,6 @@ def main(argv=None) -> list[dict]:
         class_names = list(meta["class_names"])
         label_to_cat = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
         cat_names = {cat: class_names[label] for label, cat in label_to_cat.items()}
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         used: set[str] = set()
         for k, (path, image) in enumerate(zip(args.images, images)):
             with torch_threads(cfg.num_threads), torch.no_grad(), \
@@ -119,7 +128,7 @@ def main(argv=None) -> list[dict]:
         os.replace(tmp, out_dir / "results.json")
         print(f"wrote {out_dir / 'results.json'} ({len(results)} detections)")
 
-    run_command(run)
+    run_command(run, debug=args.debug)
     return results
 
 

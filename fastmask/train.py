@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-from .engine.cli import DEFAULT_CONFIG, add_config_arguments, config_from_args, run_command
+from .engine.cli import (DEFAULT_CONFIG, CommandParser, add_config_arguments, check_device, check_output_folder,
+                         config_from_args, run_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastmask.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m fastmask.train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, default_config=DEFAULT_CONFIG)
     parser.add_argument("--resume", action="store_true",
                         help="continue from output_dir/checkpoint.pth (model, optimizer, schedule, RNG, iteration)")
@@ -36,12 +37,17 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
 
     def run():
+        from .engine import distributed as du
         from .engine.trainer import train
 
         cfg = config_from_args(args)
+        check_device(cfg.device)
+        if du.env_dist_info().is_main:
+            check_output_folder(cfg.output_dir, "output_dir")
         train(cfg, resume=args.resume, weights=args.weights)
 
-    run_command(run)
+    run_command(run, debug=args.debug,
+                interrupted="interrupted; the last checkpoint is intact (continue with --resume)")
 
 
 if __name__ == "__main__":

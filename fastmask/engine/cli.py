@@ -9,9 +9,12 @@ Bare weights carry no config: the model is built from ``--config`` (default
 count of the weights' box predictor; their class names and category ids come from the data
 the command uses (see :func:`resolve_classes`).
 
-Expected failures (a bad config key, a broken dataset, an unusable checkpoint, a NaN loss)
-end the command with ``error: <message>`` on stderr and exit status 1 (2 for command-line
-and config mistakes), without a Python traceback.
+Expected failures end the command with one line, ``error: <message>``, on stderr and no
+Python traceback: exit status 2 for command-line and config mistakes (an unknown option or
+config key, a bad value, a missing or malformed config file, an unusable ``--device``, an
+output folder that cannot be written), 1 for the rest (a broken dataset or image, an
+unusable checkpoint, a NaN loss, an OSError). ``--debug`` lets them propagate instead, with
+their full traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig, TrainConfig, apply_overrides, from_dict, load_config
@@ -51,17 +55,31 @@ COCO_CLASS_NAMES = (
 )
 
 
+class UsageError(Exception):
+    """A command-line mistake (exit status 2); the message names the argument."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one ``error:`` line, like the commands' other errors."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def resolve_config_path(name: str) -> Path:
     """A path as given, or a name from the project's ``configs/`` folder (``synthetic``, ``coco_r50_fpn_1x``)."""
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config file {name!r} is a folder, not a file")
     for folder in CONFIG_DIRS:
         for candidate in (folder / name, folder / f"{name}.yaml"):
             if candidate.is_file():
                 return candidate
     where = next((f for f in CONFIG_DIRS if f.is_dir()), CONFIG_DIRS[0])
-    raise ConfigError(f"config file {name!r} does not exist (nor {str(where)!r}/{name}.yaml)")
+    raise ConfigError(f"config file {name!r} does not exist (nor does {str(where / (name + '.yaml'))!r})")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str | None) -> None:
@@ -76,6 +94,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str
                         help="kernel backend of the model's ops (default: model.backend, else FASTMASK_BACKEND)")
     parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="cpu, cuda or cuda:N (default: the config's device; 'auto': the GPU if there is one)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, raise it with its full Python traceback instead of printing one line")
 
 
 def add_model_file_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,31 +123,89 @@ def config_from_args(args, base: TrainConfig | None = None, default: str | None 
     return apply_overrides(base if base is not None else TrainConfig(), overrides)
 
 
+def check_device(name: str) -> None:
+    """Raise :class:`ConfigError` when the config's ``device`` cannot be used on this machine."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {name!r} is not a device name (cpu, cuda, cuda:N or auto)") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available ({why}); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
+
+
+def check_output_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, or :class:`UsageError`.
+
+    ``what`` names the argument ("--out", "output_dir") in the message.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{what} {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in folder.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UsageError(f"{what} {str(folder)!r} cannot be created: {str(blocker)!r} is a file") from None
+        raise UsageError(f"{what} {str(folder)!r} cannot be written: {exc.strerror or exc}") from None
+    return folder
+
+
 def short_message(exc: BaseException) -> str:
-    """The error's message; for one re-raised from a DataLoader worker, its original last line."""
+    """The error's message on one line; for one re-raised from a DataLoader worker, its original last line."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror or type(exc).__name__}: {str(exc.filename)!r}"
+        return text + (f" -> {str(exc.filename2)!r}" if exc.filename2 is not None else "")
     text = str(exc)
     if "Original Traceback" in text:
         lines = [line for line in text.strip().splitlines() if line.strip()]
         last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return text
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
 
 
-def run_command(fn) -> None:
-    """Call ``fn()`` and turn the expected failures into a message and a non-zero exit."""
+def exit_status(exc: BaseException) -> int | None:
+    """The exit status of an expected failure, None for anything else (a bug: it keeps its traceback)."""
     from .trainer import NonFiniteLossError
 
+    if isinstance(exc, (ConfigError, UsageError)):
+        return 2
+    if isinstance(exc, (DatasetError, CheckpointError, NonFiniteLossError, OSError)):
+        return 1
+    return None
+
+
+def run_command(fn, *, debug: bool = False, interrupted: str = "interrupted") -> None:
+    """Call ``fn()`` and turn the expected failures into one ``error:`` line and a non-zero exit.
+
+    With ``debug`` they propagate (with their traceback). ``interrupted`` is the line
+    printed on Ctrl-C.
+    """
     try:
         fn()
-    except ConfigError as exc:
-        print(f"error: {short_message(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except (DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
-        print(f"error: {short_message(exc)}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        if debug:
+            raise
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        status = exit_status(exc)
+        if status is None or debug:
+            raise
+        print(f"error: {short_message(exc)}", file=sys.stderr)
+        sys.exit(status)
 
 
 class _StderrHandler(logging.Handler):
@@ -198,6 +276,7 @@ def _load_checkpoint_model(src: ModelFile, args):
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path!r} holds a config this version cannot read: {exc}") from None
     cfg = config_from_args(args, base=saved_cfg)
+    check_device(cfg.device)
     meta = ckpt["meta"]
     num_classes = int(meta["num_classes"])
     check_architecture(ckpt, model_arch(cfg.model, num_classes), path)
@@ -216,6 +295,7 @@ def _load_bare_weights(src: ModelFile, args):
     num_classes = src.num_classes
     name = args.config if args.config is not None else DEFAULT_WEIGHTS_CONFIG
     cfg = config_from_args(args, default=DEFAULT_WEIGHTS_CONFIG)
+    check_device(cfg.device)
     if args.config is None:
         log.info("bare weights carry no config: the model is built from config %r (torchvision's "
                  "maskrcnn_resnet50_fpn layout); name another with --config", name)

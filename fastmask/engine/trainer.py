@@ -214,6 +214,10 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device, resume: bo
     ckpt_path = out / LAST
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
+        missing = [k for k in ("optimizer", "scheduler", "scaler", "rng", "iteration") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has no {', '.join(missing)}: it holds a model, "
+                                  "not a training state to resume (start from its weights with --weights)")
         check_architecture(ckpt, meta["arch"], str(ckpt_path))
         load_model_state(model, ckpt["model"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -18,6 +18,25 @@ def gpu_launch(device: torch.device) -> bool:
 
 
 @triton.jit
+def div_rn(a, b):
+    """``a / b`` correctly rounded, as torch divides: ``div_rn`` in fp32 (Triton's fp32 division
+    is approximate), the plain division in fp64 (which is already)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt_rn(x):
+    """``sqrt(x)`` correctly rounded in fp32 and fp64 (Triton's fp32 ``sqrt`` is approximate)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def round_to_bf16(x):
     """fp32 ``x`` rounded to the nearest bf16 (ties to even), returned as fp32.
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gpu_launch, round_to_bf16
+from ._common import div_rn, gpu_launch, round_to_bf16
 
 # Tile of one output mask per program. Columns are the contiguous axis of the output, so
 # the tile is wide (coalesced stores) and short (tiles outside the box skip the gathers).
@@ -76,18 +76,18 @@ def _expand_coord(lo, hi, scale, BOX_DTYPE: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
-def _axis_taps(coord, box_lo, box_size, src_len, valid, padding, mask_len):
+def _axis_taps(coord, box_lo, box_size, src_len, valid, padding, mask_len, CT: tl.constexpr):
     """Bilinear taps along one axis for image coordinates ``coord`` (torchvision's align_corners=False).
 
     Returns the two source indices into the unpadded mask, whether each lies on the mask
-    (not on the zero padding) and their weights.
+    (not on the zero padding) and their weights, in ``CT`` (the masks' compute dtype).
     """
-    step = tl.math.div_rn(src_len.to(tl.float32), box_size.to(tl.float32))
-    src = step * ((coord - box_lo).to(tl.float32) + 0.5) - 0.5
+    step = div_rn(src_len.to(CT), box_size.to(CT))
+    src = step * ((coord - box_lo).to(CT) + 0.5) - 0.5
     src = tl.where(valid, tl.maximum(src, 0.0), 0.0)
     i0 = src.to(tl.int32)
     i1 = i0 + (i0 < src_len - 1).to(tl.int32)
-    w1 = src - i0.to(tl.float32)
+    w1 = src - i0.to(CT)
     w0 = 1.0 - w1
     j0 = i0 - padding
     j1 = i1 - padding
@@ -103,18 +103,19 @@ def _paste_masks_kernel(
     masks_ptr, boxes_ptr, out_ptr,
     mask_h, mask_w, stride_mn, stride_mh, stride_mw, stride_bn, stride_bc,
     im_h, im_w, out_h, out_w, padding, threshold,
-    CLIP: tl.constexpr, LOCAL: tl.constexpr, THRESHOLD: tl.constexpr, BOX_CT: tl.constexpr,
+    CLIP: tl.constexpr, LOCAL: tl.constexpr, THRESHOLD: tl.constexpr, BOX_CT: tl.constexpr, CT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Paste mask ``n`` into its canvas, one tile of BLOCK_H x BLOCK_W pixels per program.
 
-    masks_ptr: [N, MH, MW] fp16/bf16/fp32 masks, any strides (``stride_m*``).
+    masks_ptr: [N, MH, MW] float masks, any strides (``stride_m*``).
     boxes_ptr: [N, 4] boxes ``(x1, y1, x2, y2)`` in image pixels, any float dtype (``stride_b*``).
     out_ptr: [N, out_h, out_w] contiguous canvases: the masks' dtype, or uint8 (0/1, the
         bytes of a bool tensor) when THRESHOLD. Canvas pixel (i, j) is image pixel
         (i, j) or, when LOCAL, (i + y0, j + x0) with (x0, y0) the corner of the box's window.
     The window is the expanded box, clipped to the ``im_h`` x ``im_w`` image when CLIP.
-    BOX_CT: the type torch computes the boxes' elementwise ops in (fp64 for fp64 boxes, else fp32).
+    BOX_CT: the type torch computes the boxes' elementwise ops in (fp64 for fp64 boxes, else fp32);
+    CT: the type the interpolation is computed in (fp64 for fp64 masks, else fp32).
     """
     n = tl.program_id(0)
     tile_h = tl.program_id(1)
@@ -160,24 +161,24 @@ def _paste_masks_kernel(
     touches_box = (ty0 < wy1) & (ty0 + BLOCK_H > wy0) & (tx0 < wx1) & (tx0 + BLOCK_W > wx0)
     if touches_box:
         # Tile touching the box: 4 gathers per pixel from the small mask (L1/L2 resident),
-        # combined in fp32 in torchvision's order; pixels outside the window get 0.
+        # combined in CT in torchvision's order; pixels outside the window get 0.
         ys = rows + oy
         xs = cols + ox
         row_in = (ys >= wy0) & (ys < wy1)
         col_in = (xs >= wx0) & (xs < wx1)
         box_h = tl.maximum(by2 - by1 + 1, 1)
         box_w = tl.maximum(bx2 - bx1 + 1, 1)
-        ry0, ry1, vy0, vy1, ly0, ly1 = _axis_taps(ys, by1, box_h, mask_h + 2 * padding, row_in, padding, mask_h)
-        cx0, cx1, vx0, vx1, lx0, lx1 = _axis_taps(xs, bx1, box_w, mask_w + 2 * padding, col_in, padding, mask_w)
+        ry0, ry1, vy0, vy1, ly0, ly1 = _axis_taps(ys, by1, box_h, mask_h + 2 * padding, row_in, padding, mask_h, CT)
+        cx0, cx1, vx0, vx1, lx0, lx1 = _axis_taps(xs, bx1, box_w, mask_w + 2 * padding, col_in, padding, mask_w, CT)
         m = masks_ptr + n.to(tl.int64) * stride_mn
         oy0 = (ry0 * stride_mh)[:, None]
         oy1 = (ry1 * stride_mh)[:, None]
         ox0 = (cx0 * stride_mw)[None, :]
         ox1 = (cx1 * stride_mw)[None, :]
-        v00 = tl.load(m + oy0 + ox0, mask=vy0[:, None] & vx0[None, :], other=0.0).to(tl.float32)
-        v01 = tl.load(m + oy0 + ox1, mask=vy0[:, None] & vx1[None, :], other=0.0).to(tl.float32)
-        v10 = tl.load(m + oy1 + ox0, mask=vy1[:, None] & vx0[None, :], other=0.0).to(tl.float32)
-        v11 = tl.load(m + oy1 + ox1, mask=vy1[:, None] & vx1[None, :], other=0.0).to(tl.float32)
+        v00 = tl.load(m + oy0 + ox0, mask=vy0[:, None] & vx0[None, :], other=0.0).to(CT)
+        v01 = tl.load(m + oy0 + ox1, mask=vy0[:, None] & vx1[None, :], other=0.0).to(CT)
+        v10 = tl.load(m + oy1 + ox0, mask=vy1[:, None] & vx0[None, :], other=0.0).to(CT)
+        v11 = tl.load(m + oy1 + ox1, mask=vy1[:, None] & vx1[None, :], other=0.0).to(CT)
         lx0 = lx0[None, :]
         lx1 = lx1[None, :]
         val = ly0[:, None] * (lx0 * v00 + lx1 * v01) + ly1[:, None] * (lx0 * v10 + lx1 * v11)
@@ -189,7 +190,7 @@ def _paste_masks_kernel(
     else:
         # Tile wholly outside the box: only the write of zeros (the bulk of a full image),
         # no box arithmetic per pixel and no reads.
-        zero = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_H, BLOCK_W], dtype=CT)
         if THRESHOLD:
             tl.store(dst, (zero > threshold).to(tl.uint8), mask=in_canvas)
         else:
@@ -203,7 +204,8 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
                     num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Launch the paste over all N masks at once.
 
-    masks: [N, MH, MW] fp16/bf16/fp32, any strides; boxes: [N, 4] float, any strides.
+    masks: [N, MH, MW] any float dtype (fp64 computed in fp64, the others in fp32), any
+        strides; boxes: [N, 4] float, any strides.
     image_size: (H, W), or None for box-local canvases that are not clipped to an image.
     local_size: None for full-image canvases [N, H, W]; (Hmax, Wmax) for box-local ones whose
         origin is each box's window corner.
@@ -242,7 +244,8 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
         im_h=im_h, im_w=im_w, out_h=out_h, out_w=out_w, padding=padding,
         threshold=0.0 if threshold is None else float(threshold),
         CLIP=image_size is not None, LOCAL=local_size is not None, THRESHOLD=threshold is not None,
-        BOX_CT=tl.float64 if boxes.dtype == torch.float64 else tl.float32, BLOCK_H=block_h, BLOCK_W=block_w,
+        BOX_CT=tl.float64 if boxes.dtype == torch.float64 else tl.float32,
+        CT=tl.float64 if masks.dtype == torch.float64 else tl.float32, BLOCK_H=block_h, BLOCK_W=block_w,
         num_warps=num_warps,
         # Separate multiplies and adds, as torch's elementwise ops do: a fused multiply-add
         # in the box expansion could move a truncated box edge by a pixel.

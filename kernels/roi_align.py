@@ -6,7 +6,7 @@ sorting or launching happens on the host. Single-level RoI Align is the same ker
 ``NUM_LEVELS=1``.
 
 Level descriptor: everything per level but the feature pointers (height, width, the four
-strides, the fp32 scale, the gradient's offset in the flat buffer, the first tile of the
+strides, the scale, the gradient's offset in the flat buffer, the first tile of the
 deterministic backward) is one int64 Tensor[MAX_LEVELS, DESC_FIELDS] on the device, which a
 kernel reads with a few uniform scalar loads once it knows a RoI's level. A launch so takes
 15 to 19 arguments instead of 53 to 59 (64 to 72 with the constexprs): the Python launch
@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gpu_launch
+from ._common import div_rn, gpu_launch, sqrt_rn
 
 MAX_LEVELS = 5
 # Largest power of two the launchers factor out of the feature strides: 16 elements is a
@@ -64,7 +64,7 @@ MAX_STRIDE_ALIGN = 16
 # to every launch.
 DESC_HEIGHT, DESC_WIDTH = 0, 1
 DESC_STRIDE_N, DESC_STRIDE_C, DESC_STRIDE_H, DESC_STRIDE_W = 2, 3, 4, 5  # divided by STRIDE_ALIGN
-DESC_SCALE = 6  # the fp32 bits of the level's spatial scale
+DESC_SCALE = 6  # the level's spatial scale: its fp32 bits, or its fp64 bits for fp64 RoIs
 DESC_OFFSET = 7  # backward: the level's first element in the flat gradient buffer (forward: 0)
 DESC_TILE_START = 8  # deterministic backward: the level's first tile (program id)
 DESC_FIELDS = 9
@@ -91,8 +91,9 @@ def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _level_size(desc_ptr, lvl, NUM_LEVELS: tl.constexpr):
-    """Level ``lvl``'s row of the level descriptor, and its (scale, height, width).
+def _level_size(desc_ptr, lvl, cdt: tl.constexpr, NUM_LEVELS: tl.constexpr):
+    """Level ``lvl``'s row of the level descriptor, and its (scale, height, width); the scale
+    in the compute dtype ``cdt`` (the RoIs': fp32, or fp64 for fp64 features).
 
     ``lvl``: a level index, scalar (one RoI per program, as on the GPU: uniform scalar loads of
     one cached row, 24 bytes here) or per column (a gather of the same rows). A level out of
@@ -101,7 +102,10 @@ def _level_size(desc_ptr, lvl, NUM_LEVELS: tl.constexpr):
     layout (``_level_layout``) are read separately, each where it is first needed.
     """
     row = desc_ptr + tl.where((lvl >= 0) & (lvl < NUM_LEVELS), lvl, 0) * 9  # DESC_FIELDS
-    scale = tl.load(row + 6).to(tl.int32).to(tl.float32, bitcast=True)  # DESC_SCALE: fp32 bits
+    if cdt == tl.float64:  # DESC_SCALE: fp64 bits
+        scale = tl.load(row + 6).to(tl.float64, bitcast=True)
+    else:  # fp32 bits: 32-bit work only (a 64-bit load and conversion cost up to 29 registers)
+        scale = tl.load(row + 6).to(tl.int32).to(tl.float32, bitcast=True)
     height = tl.load(row + 0).to(tl.int32)  # DESC_HEIGHT
     width = tl.load(row + 1).to(tl.int32)  # DESC_WIDTH
     return row, scale, height, width
@@ -137,8 +141,9 @@ def _level_layout(row, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX
 def _load_rois(rois_ptr, k, col_ok, canonical_scale, canonical_level, k_min, k_max, NUM_LEVELS: tl.constexpr):
     """RoIs ``k`` (a vector, read where ``col_ok``): batch index, box and level index (0: finest).
 
-    The level is torchvision's LevelMapper in fp32, operation for operation:
-    floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to [k_min, k_max].
+    The level is torchvision's LevelMapper in the RoIs' dtype (fp32 or fp64), operation for
+    operation: floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to
+    [k_min, k_max].
     """
     row = rois_ptr + k.to(tl.int64) * 5
     b = tl.load(row, mask=col_ok, other=0.0).to(tl.int32)
@@ -149,9 +154,10 @@ def _load_rois(rois_ptr, k, col_ok, canonical_scale, canonical_level, k_min, k_m
     if NUM_LEVELS == 1:
         lvl = b * 0
     else:
-        size = tl.sqrt_rn((x2 - x1) * (y2 - y1))
-        target = tl.floor(canonical_level + tl.log2(tl.div_rn(size, canonical_scale)) + 1e-6)
-        target = tl.minimum(tl.maximum(target, k_min.to(tl.float32)), k_max.to(tl.float32))
+        size = sqrt_rn((x2 - x1) * (y2 - y1))
+        target = tl.floor(canonical_level + tl.log2(div_rn(size, canonical_scale))
+                          + tl.full([], 1e-6, size.dtype))  # eps in the RoIs' dtype, as torchvision
+        target = tl.minimum(tl.maximum(target, k_min.to(size.dtype)), k_max.to(size.dtype))
         lvl = target.to(tl.int32) - k_min
     return b, x1, y1, x2, y2, lvl
 
@@ -163,7 +169,7 @@ def _roi_grid(x1, y1, x2, y2, scale, PH: tl.constexpr, PW: tl.constexpr, SAMPLIN
 
     Returns (start_y, start_x, bin_h, bin_w, grid_h, grid_w, count); grid_* are int32 (the
     adaptive grid is ceil(roi size / output size) per RoI) and count = max(grid_h * grid_w, 1)
-    as fp32.
+    in the RoIs' dtype.
     """
     offset = 0.5 if ALIGNED else 0.0
     start_x = x1 * scale - offset
@@ -173,15 +179,15 @@ def _roi_grid(x1, y1, x2, y2, scale, PH: tl.constexpr, PW: tl.constexpr, SAMPLIN
     if not ALIGNED:
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
-    bin_h = tl.div_rn(roi_h, PH * 1.0)
-    bin_w = tl.div_rn(roi_w, PW * 1.0)
+    bin_h = div_rn(roi_h, PH * 1.0)
+    bin_w = div_rn(roi_w, PW * 1.0)
     if SAMPLING > 0:
         grid_h = tl.full(roi_h.shape, SAMPLING, tl.int32)
         grid_w = tl.full(roi_w.shape, SAMPLING, tl.int32)
     else:
         grid_h = tl.maximum(tl.ceil(bin_h), 0.0).to(tl.int32)
         grid_w = tl.maximum(tl.ceil(bin_w), 0.0).to(tl.int32)
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    count = tl.maximum(grid_h * grid_w, 1).to(x1.dtype)
     return start_y, start_x, bin_h, bin_w, grid_h, grid_w, count
 
 
@@ -193,14 +199,14 @@ def _taps(coord, size):
     sample outside [-1, size] is not inside (it contributes zero); one in [-1, 0] is clamped
     to 0 and one past size - 1 to the last index.
     """
-    size_f = size.to(tl.float32)
+    size_f = size.to(coord.dtype)
     inside = (coord >= -1.0) & (coord <= size_f)
     c = tl.minimum(tl.maximum(coord, 0.0), size_f)  # the upper clamp only changes outside samples
     lo = c.to(tl.int32)  # c >= 0: truncation is floor
     at_edge = lo >= size - 1
     lo = tl.where(at_edge, size - 1, lo)
     hi = tl.where(at_edge, size - 1, lo + 1)
-    frac = tl.where(at_edge, 0.0, c - lo.to(tl.float32))
+    frac = tl.where(at_edge, 0.0, c - lo.to(coord.dtype))
     return lo, hi, 1.0 - frac, frac, inside
 
 
@@ -237,7 +243,8 @@ def _roi_align_fwd_kernel(
     """RoI Align forward over all levels in one launch.
 
     out_ptr: Tensor[K, C, PH, PW] (strides out_stride_*); every element is written.
-    rois_ptr: fp32 Tensor[K, 5], contiguous rows (batch_index, x1, y1, x2, y2).
+    rois_ptr: Tensor[K, 5], contiguous rows (batch_index, x1, y1, x2, y2); their dtype (fp32, or
+        fp64 for fp64 features) is the compute and accumulation dtype.
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS] (offsets 0).
     feat0..feat4: level l's Tensor[N, C, height_l, width_l], its sizes and strides (divided by
         STRIDE_ALIGN; the channel stride is 1 when C_CONTIG) in row l of the descriptor;
@@ -257,7 +264,7 @@ def _roi_align_fwd_kernel(
     # Each column's level: its pointer by select among the arguments, its sizes and strides
     # from the descriptor (scalar loads from cache), no per-level launch. A RoI whose batch
     # index or level is out of range pools zeros.
-    row, scale, height, width = _level_size(desc_ptr, lvl_pick, NUM_LEVELS)
+    row, scale, height, width = _level_size(desc_ptr, lvl_pick, x1.dtype, NUM_LEVELS)
     _, s_n, s_c, s_h, s_w = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
     feat = _pick(lvl_pick, feat0, feat1, feat2, feat3, feat4, NUM_LEVELS)
     col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
@@ -270,10 +277,10 @@ def _roi_align_fwd_kernel(
 
     start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
                                                                       ALIGNED)
-    y_bin = start_y + (p // PW).to(tl.float32) * bin_h
-    x_bin = start_x + (p % PW).to(tl.float32) * bin_w
-    grid_h_f = tl.maximum(grid_h, 1).to(tl.float32)  # divisor only: a zero grid takes no samples
-    grid_w_f = tl.maximum(grid_w, 1).to(tl.float32)
+    y_bin = start_y + (p // PW).to(bin_h.dtype) * bin_h
+    x_bin = start_x + (p % PW).to(bin_w.dtype) * bin_w
+    grid_h_f = tl.maximum(grid_h, 1).to(bin_h.dtype)  # divisor only: a zero grid takes no samples
+    grid_w_f = tl.maximum(grid_w, 1).to(bin_w.dtype)
     if SAMPLING > 0:
         n_y: tl.constexpr = SAMPLING
         n_x: tl.constexpr = SAMPLING
@@ -282,33 +289,33 @@ def _roi_align_fwd_kernel(
         n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
 
     if BINS_INNER:
-        acc = tl.zeros((BLOCK_C, BLOCK_R * BLOCK_P), tl.float32)
+        acc = tl.zeros((BLOCK_C, BLOCK_R * BLOCK_P), x1.dtype)
     else:
-        acc = tl.zeros((BLOCK_R * BLOCK_P, BLOCK_C), tl.float32)
+        acc = tl.zeros((BLOCK_R * BLOCK_P, BLOCK_C), x1.dtype)
     # Sum of bilinear samples: each sample reads its 4 neighbours straight from the level's map
     # in its own layout (4 * BLOCK_C values per column) and accumulates in registers; no
     # per-level copy, no gathered intermediate (the reference materialises K*C*4*Gy*Gx*PH*PW).
     for iy in range(0, n_y):
-        y = y_bin + tl.div_rn((iy + 0.5) * bin_h, grid_h_f)
+        y = y_bin + div_rn((iy + 0.5) * bin_h, grid_h_f)
         y_lo, y_hi, wy_lo, wy_hi, y_in = _taps(y, height)
         y_in = y_in & (iy < grid_h) & col_ok
         row_lo = base + y_lo * s_h
         row_hi = base + y_hi * s_h
         for ix in range(0, n_x):
-            x = x_bin + tl.div_rn((ix + 0.5) * bin_w, grid_w_f)
+            x = x_bin + div_rn((ix + 0.5) * bin_w, grid_w_f)
             x_lo, x_hi, wx_lo, wx_hi, x_in = _taps(x, width)
             mask = tl.expand_dims(y_in & x_in & (ix < grid_w), Q_AXIS) & c_ok
             col_lo = x_lo * s_w
             col_hi = x_hi * s_w
             v = tl.load(tl.expand_dims(row_lo + col_lo, Q_AXIS) + chan, mask=mask, other=0.0)
-            acc += tl.expand_dims(wy_lo * wx_lo, Q_AXIS) * v.to(tl.float32)
+            acc += tl.expand_dims(wy_lo * wx_lo, Q_AXIS) * v.to(acc.dtype)
             v = tl.load(tl.expand_dims(row_lo + col_hi, Q_AXIS) + chan, mask=mask, other=0.0)
-            acc += tl.expand_dims(wy_lo * wx_hi, Q_AXIS) * v.to(tl.float32)
+            acc += tl.expand_dims(wy_lo * wx_hi, Q_AXIS) * v.to(acc.dtype)
             v = tl.load(tl.expand_dims(row_hi + col_lo, Q_AXIS) + chan, mask=mask, other=0.0)
-            acc += tl.expand_dims(wy_hi * wx_lo, Q_AXIS) * v.to(tl.float32)
+            acc += tl.expand_dims(wy_hi * wx_lo, Q_AXIS) * v.to(acc.dtype)
             v = tl.load(tl.expand_dims(row_hi + col_hi, Q_AXIS) + chan, mask=mask, other=0.0)
-            acc += tl.expand_dims(wy_hi * wx_hi, Q_AXIS) * v.to(tl.float32)
-    acc = tl.div_rn(acc, tl.expand_dims(count, Q_AXIS))
+            acc += tl.expand_dims(wy_hi * wx_hi, Q_AXIS) * v.to(acc.dtype)
+    acc = div_rn(acc, tl.expand_dims(count, Q_AXIS))
 
     # Write the tile once, in the output's dtype (zeros for masked-out RoIs).
     out_col = k.to(tl.int64) * out_stride_k + (p // PW) * out_stride_h + (p % PW) * out_stride_w
@@ -329,13 +336,13 @@ def _roi_align_bwd_kernel(
     NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BINS_INNER: tl.constexpr,
 ):
-    """RoI Align backward over all levels in one launch, by fp32 atomic adds.
+    """RoI Align backward over all levels in one launch, by atomic adds in the RoIs' dtype.
 
-    grad_ptr: flat fp32 buffer, zero-filled; level l's gradient Tensor[N, C, height_l, width_l]
+    grad_ptr: flat buffer in the RoIs' dtype (fp32 or fp64), zero-filled; level l's gradient Tensor[N, C, height_l, width_l]
         starts at the element its descriptor row's offset says, with its strides (times
         STRIDE_ALIGN).
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
-    rois_ptr: fp32 Tensor[K, 5], contiguous rows.
+    rois_ptr: Tensor[K, 5], contiguous rows, fp32 or fp64 (the compute dtype).
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C
     channels), as the forward.
@@ -352,7 +359,7 @@ def _roi_align_bwd_kernel(
 
     # Each column's level, as the forward (the base is an offset into the flat gradient; the
     # row and column strides are read in the sample loops below).
-    row, scale, _, _ = _level_size(desc_ptr, lvl_pick, NUM_LEVELS)
+    row, scale, _, _ = _level_size(desc_ptr, lvl_pick, x1.dtype, NUM_LEVELS)
     g_off, s_n, s_c, _, _ = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
     col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
     base = grad_ptr + g_off + b.to(tl.int64) * s_n
@@ -367,20 +374,20 @@ def _roi_align_bwd_kernel(
     # The tile's output gradient, read once and divided by the sample count.
     go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
     go_ptrs = grad_out_ptr + tl.expand_dims(go_col, Q_AXIS) + tl.expand_dims(offs_c * go_stride_c, C_AXIS)
-    go = tl.load(go_ptrs, mask=tl.expand_dims(col_ok, Q_AXIS) & c_ok, other=0.0).to(tl.float32)
-    g = tl.div_rn(go, tl.expand_dims(count, Q_AXIS))
+    go = tl.load(go_ptrs, mask=tl.expand_dims(col_ok, Q_AXIS) & c_ok, other=0.0).to(x1.dtype)
+    g = div_rn(go, tl.expand_dims(count, Q_AXIS))
 
-    y_bin = start_y + (p // PW).to(tl.float32) * bin_h
-    x_bin = start_x + (p % PW).to(tl.float32) * bin_w
-    grid_h_f = tl.maximum(grid_h, 1).to(tl.float32)  # divisor only: a zero grid takes no samples
-    grid_w_f = tl.maximum(grid_w, 1).to(tl.float32)
+    y_bin = start_y + (p // PW).to(bin_h.dtype) * bin_h
+    x_bin = start_x + (p % PW).to(bin_w.dtype) * bin_w
+    grid_h_f = tl.maximum(grid_h, 1).to(bin_h.dtype)  # divisor only: a zero grid takes no samples
+    grid_w_f = tl.maximum(grid_w, 1).to(bin_w.dtype)
     if SAMPLING > 0:
         n_y: tl.constexpr = SAMPLING
         n_x: tl.constexpr = SAMPLING
     else:
         n_y = tl.max(tl.where(col_ok, grid_h, 0), axis=0)
         n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
-    # Each sample adds its 4 weighted taps straight into the level's fp32 gradient: one pass
+    # Each sample adds its 4 weighted taps straight into the level's gradient: one pass
     # over the output gradient, no per-sample or per-level intermediate in memory.
     # The level's height and row stride (and in the inner loop its width and column stride)
     # are read from its descriptor row again at each step: uniform loads that hit L1, which
@@ -389,7 +396,7 @@ def _roi_align_bwd_kernel(
     # four 8-warp blocks per SM instead of five); the argument version read them from the
     # constant bank.
     for iy in range(0, n_y):
-        y = y_bin + tl.div_rn((iy + 0.5) * bin_h, grid_h_f)
+        y = y_bin + div_rn((iy + 0.5) * bin_h, grid_h_f)
         y_lo, y_hi, wy_lo, wy_hi, y_in = _taps(y, tl.load(row + 0).to(tl.int32))  # DESC_HEIGHT
         y_in = y_in & (iy < grid_h) & col_ok
         s_h = tl.load(row + 4)  # DESC_STRIDE_H
@@ -398,7 +405,7 @@ def _roi_align_bwd_kernel(
         row_lo = base + y_lo * (s_h * STRIDE_ALIGN)
         row_hi = base + y_hi * (s_h * STRIDE_ALIGN)
         for ix in range(0, n_x):
-            x = x_bin + tl.div_rn((ix + 0.5) * bin_w, grid_w_f)
+            x = x_bin + div_rn((ix + 0.5) * bin_w, grid_w_f)
             x_lo, x_hi, wx_lo, wx_hi, x_in = _taps(x, tl.load(row + 1).to(tl.int32))  # DESC_WIDTH
             mask = tl.expand_dims(y_in & x_in & (ix < grid_w), Q_AXIS) & c_ok
             s_w = tl.load(row + 5)  # DESC_STRIDE_W
@@ -424,9 +431,9 @@ def _roi_align_bwd_kernel(
 def _axis_weights(cells, bin_start, bin_size, grid, grid_f, n_samples, size, col_ok):
     """W[i, q]: the weight with which column q's samples along this axis land on feature row
     (or column) ``cells[i]``, summed over the column's samples; zero where none lands."""
-    acc = tl.zeros((cells.shape[0], bin_start.shape[0]), tl.float32)
+    acc = tl.zeros((cells.shape[0], bin_start.shape[0]), bin_start.dtype)
     for i in range(0, n_samples):
-        coord = bin_start + tl.div_rn((i + 0.5) * bin_size, grid_f)
+        coord = bin_start + div_rn((i + 0.5) * bin_size, grid_f)
         lo, hi, w_lo, w_hi, inside = _taps(coord, size)
         inside = inside & (i < grid) & col_ok
         w_lo = tl.where(inside, w_lo, 0.0)
@@ -468,11 +475,11 @@ def _roi_align_bwd_det_kernel(
 ):
     """RoI Align backward, deterministic: every gradient cell is gathered by exactly one program.
 
-    grad_ptr: flat fp32 buffer (need not be initialised); level l's gradient
+    grad_ptr: flat buffer in the RoIs' dtype (need not be initialised); level l's gradient
         Tensor[N, C, height_l, width_l] starts at the element its descriptor row's offset says,
         with its strides (times STRIDE_ALIGN); every element of it is written.
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
-    rois_ptr: fp32 Tensor[K, 5], contiguous rows.
+    rois_ptr: Tensor[K, 5], contiguous rows, fp32 or fp64 (the compute dtype).
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
     Grid: (tiles, channel blocks); tiles enumerate (level, image, TILE_H x TILE_W cells), level
     l's tiles numbered from its descriptor row's tile start.
@@ -493,7 +500,7 @@ def _roi_align_bwd_det_kernel(
     for l in tl.static_range(1, NUM_LEVELS):
         lvl += (pid >= tl.load(desc_ptr + l * 9 + 8).to(tl.int32)).to(tl.int32)  # DESC_TILE_START
     first_tile = tl.load(desc_ptr + lvl * 9 + 8).to(tl.int32)  # DESC_FIELDS, DESC_TILE_START
-    row, scale, height, width = _level_size(desc_ptr, lvl, NUM_LEVELS)
+    row, scale, height, width = _level_size(desc_ptr, lvl, rois_ptr.dtype.element_ty, NUM_LEVELS)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
 
@@ -506,7 +513,7 @@ def _roi_align_bwd_det_kernel(
     rows = tile_y0 + tl.arange(0, TILE_H)
     cols = tile_x0 + tl.arange(0, TILE_W)
 
-    acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), tl.float32)
+    acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), scale.dtype)
     q = tl.arange(0, BLOCK_R * P_CHUNK)
     s = tl.arange(0, SCAN)
     for r_scan in range(0, K, SCAN):
@@ -539,15 +546,21 @@ def _roi_align_bwd_det_kernel(
                         col_ok = reach & (p < PH * PW)
                         # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over
                         # the tile's cells (row-major, as the store below).
-                        wy = _axis_weights(rows, start_y + (p // PW).to(tl.float32) * bin_h, bin_h, grid_h,
-                                           tl.maximum(grid_h, 1).to(tl.float32), n_y, height, col_ok)
-                        wx = _axis_weights(cols, start_x + (p % PW).to(tl.float32) * bin_w, bin_w, grid_w,
-                                           tl.maximum(grid_w, 1).to(tl.float32), n_x, width, col_ok)
+                        wy = _axis_weights(rows, start_y + (p // PW).to(bin_h.dtype) * bin_h, bin_h, grid_h,
+                                           tl.maximum(grid_h, 1).to(bin_h.dtype), n_y, height, col_ok)
+                        wx = _axis_weights(cols, start_x + (p % PW).to(bin_w.dtype) * bin_w, bin_w, grid_w,
+                                           tl.maximum(grid_w, 1).to(bin_w.dtype), n_x, width, col_ok)
                         w = tl.reshape(wy[:, None, :] * wx[None, :, :], (TILE_H * TILE_W, BLOCK_R * P_CHUNK))
                         go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
                         go = tl.load(grad_out_ptr + go_col[:, None] + (offs_c * go_stride_c)[None, :],
-                                     mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                        acc = tl.dot(w, tl.div_rn(go, count[:, None]), acc, input_precision="ieee")
+                                     mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(acc.dtype)
+                        g = div_rn(go, count[:, None])
+                        if acc.dtype == tl.float64:
+                            # Triton 3.6 has no fp64 dot: the same product as a broadcast
+                            # multiply and a sum over the columns (P_CHUNK is small in fp64).
+                            acc += tl.sum(w[:, :, None] * g[None, :, :], axis=1)
+                        else:
+                            acc = tl.dot(w, g, acc, input_precision="ieee")
 
     # Every cell of the tile is written (zero where no RoI reaches it). The gradient's layout
     # is read only now, so that it does not hold registers through the RoI loop.
@@ -592,12 +605,12 @@ def _stride_align(strides) -> int:
     return align
 
 
-def _fp32_bits(x: float) -> int:
-    """The bits of ``x`` rounded to fp32 (as the JIT passes a float argument), as an int32."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
+def _float_bits(x: float, f64: bool) -> int:
+    """The bits of ``x`` in fp64, or rounded to fp32 (as the JIT passes a float argument)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0] if f64 else struct.unpack("<i", struct.pack("<f", x))[0]
 
 
-def _level_rows(shapes, strides, scales, c_contig: bool, offsets=None, tile_starts=None):
+def _level_rows(shapes, strides, scales, c_contig: bool, f64: bool, offsets=None, tile_starts=None):
     """The level descriptor's rows (see DESC_FIELDS), unused levels repeating level 0.
 
     Returns (rows, STRIDE_ALIGN, INDEX_64): strides are stored divided by STRIDE_ALIGN (the
@@ -612,7 +625,7 @@ def _level_rows(shapes, strides, scales, c_contig: bool, offsets=None, tile_star
         row[DESC_HEIGHT], row[DESC_WIDTH] = int(h), int(w)
         row[DESC_STRIDE_N], row[DESC_STRIDE_H], row[DESC_STRIDE_W] = sn // align, sh // align, sw // align
         row[DESC_STRIDE_C] = 0 if c_contig else sc // align
-        row[DESC_SCALE] = _fp32_bits(float(scale))
+        row[DESC_SCALE] = _float_bits(float(scale), f64)
         row[DESC_OFFSET] = offsets[i] if offsets else 0
         row[DESC_TILE_START] = tile_starts[i] if tile_starts else 0
         rows.append(row)
@@ -667,17 +680,17 @@ def _keep(cache: dict, key, plan):
     return plan
 
 
-def _fwd_plan(features, scales, device: torch.device):
+def _fwd_plan(features, scales, f64: bool, device: torch.device):
     """(descriptor, pinned source, STRIDE_ALIGN, C_CONTIG, channels-last output, INDEX_64) for
     features of these shapes and strides at these scales."""
     shapes, strides = [f.shape for f in features], [f.stride() for f in features]
     c_contig = all(st[1] == 1 for st in strides)
-    rows, align, index_64 = _level_rows(shapes, strides, scales, c_contig)
+    rows, align, index_64 = _level_rows(shapes, strides, scales, c_contig, f64)
     desc, host = _descriptor(rows, device)
     return desc, host, align, c_contig, all(is_channels_last(f) for f in features), index_64
 
 
-def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_last: bool,
+def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_last: bool, f64: bool = False,
                  block_r=None, block_p=None, block_c=None):
     """(BLOCK_R, BLOCK_P, BLOCK_C, num_warps) for the forward and atomic backward kernels.
 
@@ -686,8 +699,9 @@ def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_las
     1024 elements, 8 warps (4 elements per thread). Compiled for sm_90, 2048-element tiles
     on 4 warps (16 per thread) needed 164 registers with Triton 3.9 but 255 and a 24-byte
     spill stack with Triton 3.6; at 4 elements per thread both stay near 100, no spills.
-    Interpreter (CPU): each operation costs the same whatever the block, so a program takes
-    up to 32 whole RoIs with all their channels (up to 64).
+    fp64 (``f64``, gradcheck's dtype) takes NCHW tiles of half as many elements on as many
+    warps (an fp64 value is two registers). Interpreter (CPU): each operation costs the same
+    whatever the block, so a program takes up to 32 whole RoIs with all their channels (up to 64).
     """
     if not gpu_launch(device):
         br, bp, bc = min(32, _pow2(max(k, 1))), _pow2(n_bins), min(64, _pow2(c))
@@ -695,9 +709,9 @@ def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_las
         br, bp, bc = 1, 1, min(256, _pow2(c))
     else:
         br, bp = 1, min(1024, _pow2(n_bins))
-        bc = max(1, min(_pow2(c), 1024 // bp))
+        bc = max(1, min(_pow2(c), (512 if f64 else 1024) // bp))
     br, bp, bc = block_r or br, block_p or bp, block_c or bc
-    warps = max(1, min(8, br * bp * bc // 128))
+    warps = max(1, min(8, br * bp * bc // (64 if f64 else 128)))
     return br, bp, bc, warps
 
 
@@ -708,7 +722,7 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
                   block_c: int | None = None) -> torch.Tensor:
     """RoI Align over ``features`` (one Tensor[N, C, H_l, W_l] per level, finest first).
 
-    ``rois``: fp32 Tensor[K, 5], contiguous. With one level every RoI is pooled from it; with
+    ``rois``: Tensor[K, 5], contiguous, fp32 (fp64 for fp64 features: the compute dtype). With one level every RoI is pooled from it; with
     several, each RoI's level is computed in the kernel (canonical_scale/level, clamped to
     [k_min, k_max]). Returns Tensor[K, C, PH, PW] in the features' dtype, channels-last when the
     features are. ``out``: a preallocated output (any strides), e.g. NaN-filled by tests.
@@ -722,17 +736,18 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
     device = f0.device
     # The level descriptor and layout flags: computed and copied once per geometry, then a
     # dictionary lookup (the key is every input they are computed from).
-    key = (device, _stream_key(device), tuple(scales), tuple([(f.shape, f.stride()) for f in features]))
+    f64 = rois.dtype == torch.float64
+    key = (device, _stream_key(device), f64, tuple(scales), tuple([(f.shape, f.stride()) for f in features]))
     plan = _FWD_PLANS.get(key)
     if plan is None:
-        plan = _keep(_FWD_PLANS, key, _fwd_plan(features, scales, device))
+        plan = _keep(_FWD_PLANS, key, _fwd_plan(features, scales, f64, device))
     desc, _, align, c_contig, channels_last, index_64 = plan
     if out is None:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((k, c, ph, pw), dtype=f0.dtype, device=device, memory_format=fmt)
     if k == 0 or c == 0:
         return out
-    br, bp, bc, warps = _tile_config(device, k, c, ph * pw, channels_last, block_r, block_p, block_c)
+    br, bp, bc, warps = _tile_config(device, k, c, ph * pw, channels_last, f64, block_r, block_p, block_c)
     feats = list(features) + [f0] * (MAX_LEVELS - len(features))
     so = out.stride()
     # Grid: one program per (RoI block, bin block, channel block).
@@ -766,7 +781,7 @@ def _grad_layout(shapes, channels_last: list[bool]):
 DET_SCAN = 32
 
 
-def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
+def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int, f64: bool = False):
     """(TILE_H, TILE_W, BLOCK_C, BLOCK_R, P_CHUNK) for the deterministic backward.
 
     GPU: 8x8 cells x 32 channels, one RoI and 32 bins per step (a 64x32x32 product), with 8
@@ -780,17 +795,19 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int):
     check alike; the idle lanes cost only inputs of under 32 channels (not the model's 256).
     Interpreter: tiles of up to 16x32 cells and up to 32 RoIs per step, so that few programs
     and few steps cover the levels.
+    fp64 (``f64``, for gradcheck; not the model's dtype) multiplies by a broadcast and a sum,
+    whose [cells, columns, channels] product is held whole: 4 bins per step.
     """
     if not gpu_launch(device):
         th = max(4, min(16, _pow2(max(s[2] for s in shapes))))
         tw = max(4, min(32, _pow2(max(s[3] for s in shapes))))
         bc = max(16, min(64, _pow2(c)))
-        p_chunk = max(16, min(64, _pow2(n_bins)))
+        p_chunk = 4 if f64 else max(16, min(64, _pow2(n_bins)))
         return th, tw, bc, min(32, _pow2(max(k, 1))), p_chunk
-    return 8, 8, 32, 1, 32
+    return 8, 8, 32, 1, 4 if f64 else 32
 
 
-def _bwd_plan(shapes, channels_last, scales, tiling, device: torch.device):
+def _bwd_plan(shapes, channels_last, scales, tiling, f64: bool, device: torch.device):
     """(descriptor, pinned source, gradient strides, offsets, total size, tiles, STRIDE_ALIGN,
     C_CONTIG, INDEX_64) for gradients of these shapes and layouts; ``tiling``: the deterministic
     backward's (TILE_H, TILE_W), whose tile numbering the descriptor holds (None: atomic)."""
@@ -801,7 +818,7 @@ def _bwd_plan(shapes, channels_last, scales, tiling, device: torch.device):
         th, tw = tiling
         tiles = [s[0] * _cdiv(s[2], th) * _cdiv(s[3], tw) for s in shapes]
         tile_starts, num_tiles = [sum(tiles[:i]) for i in range(len(tiles))], sum(tiles)
-    rows, align, index_64 = _level_rows(shapes, strides, scales, c_contig, offsets, tile_starts)
+    rows, align, index_64 = _level_rows(shapes, strides, scales, c_contig, f64, offsets, tile_starts)
     desc, host = _descriptor(rows, device)
     return desc, host, strides, offsets, total, num_tiles, align, c_contig, index_64
 
@@ -815,9 +832,9 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
     """Gradients of RoI Align w.r.t. every level, in one launch (plus one cast for fp16/bf16).
 
     ``grad_out``: Tensor[K, C, PH, PW], any strides; ``shapes``: each level's (N, C, H, W);
-    ``channels_last``: per level, the layout of its gradient. Accumulates in one flat fp32
-    buffer and returns per-level views of it, cast once to ``grad_dtype`` (default fp32).
-    ``out``: a preallocated fp32 buffer of the total size (the deterministic kernel writes all
+    ``channels_last``: per level, the layout of its gradient. Accumulates in one flat buffer in
+    ``rois``' dtype (fp32, or fp64) and returns per-level views of it, cast once to ``grad_dtype``
+    (default: that dtype). ``out``: a preallocated buffer of the total size (the deterministic kernel writes all
     of it, so tests can fill it with NaN; the atomic kernel adds into it, so it must be zero).
     ``deterministic``: gather per gradient cell (bitwise reproducible) instead of atomic adds.
     """
@@ -826,20 +843,21 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
     k = rois.shape[0]
     ph, pw = output_size
     if deterministic:
-        th, tw, bc, br, p_chunk = _det_config(device, shapes, k, c, ph * pw)
+        th, tw, bc, br, p_chunk = _det_config(device, shapes, k, c, ph * pw, rois.dtype == torch.float64)
         br, bc = block_r or br, block_c or bc
         tiling = (th, tw)
     else:
         tiling = None
     # The level descriptor (sizes, strides, gradient offsets, tile starts) and the gradient
     # layout: computed and copied once per geometry, then a dictionary lookup.
-    key = (device, _stream_key(device), tiling, tuple(scales), tuple(map(tuple, shapes)), tuple(channels_last))
+    f64 = rois.dtype == torch.float64
+    key = (device, _stream_key(device), f64, tiling, tuple(scales), tuple(map(tuple, shapes)), tuple(channels_last))
     plan = _BWD_PLANS.get(key)
     if plan is None:
-        plan = _keep(_BWD_PLANS, key, _bwd_plan(shapes, channels_last, scales, tiling, device))
+        plan = _keep(_BWD_PLANS, key, _bwd_plan(shapes, channels_last, scales, tiling, f64, device))
     desc, _, strides, offsets, total, num_tiles, align, c_contig, index_64 = plan
     if out is None:
-        out = (torch.empty if deterministic else torch.zeros)(total, dtype=torch.float32, device=device)
+        out = (torch.empty if deterministic else torch.zeros)(total, dtype=rois.dtype, device=device)
     gs = grad_out.stride()
     if total and deterministic:
         # Grid: one program per (level, image, TILE_H x TILE_W cell tile) x channel block.
@@ -854,7 +872,7 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
             num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:
-        br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, block_r, block_p, block_c)
+        br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, f64, block_r, block_p, block_c)
         # Grid: one program per (RoI block, bin block, channel block), as the forward.
         grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
         _roi_align_bwd_kernel[grid](
@@ -865,6 +883,6 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
             STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
             BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not c_contig, num_warps=warps,
         )
-    flat = out if grad_dtype in (None, torch.float32) else out.to(grad_dtype)
+    flat = out if grad_dtype in (None, out.dtype) else out.to(grad_dtype)
     return [flat[o:o + s[0] * s[1] * s[2] * s[3]].as_strided(tuple(s), st)
             for s, st, o in zip(shapes, strides, offsets)]

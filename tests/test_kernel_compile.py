@@ -155,6 +155,12 @@ def _drive_roi_align():
         for size in ((3, 5), (7, 7), (4, 3)):
             leaf = layout.detach().clone().requires_grad_()
             ops.roi_align(leaf, rois, size, 0.5, 2, True, backend="triton").sum().backward()
+    # fp64 (gradcheck's dtype; not the model's): both layouts, both backwards.
+    for layout in (x, x.to(memory_format=torch.channels_last)):
+        leaf = layout.detach().double().requires_grad_()
+        for deterministic in (False, True):
+            ops.roi_align(leaf, rois.double(), (7, 7), 0.5, 2, True, backend="triton",
+                          deterministic=deterministic).sum().backward()
     odd = torch.randn(2, 5, 8, 9, generator=g, requires_grad=True)
     ops.roi_align(odd, rois, (4, 5), 1.0, 3, False, backend="triton").sum().backward()
     # One RoI: K == 1 is specialised as a constant where the kernel lets it be.
@@ -212,7 +218,7 @@ def _drive_mask_paste():
     g = torch.Generator().manual_seed(3)
     for n in (5, 1):
         boxes = random_boxes(n, 40.0, 2.0, generator=g)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             masks = torch.rand(n, 1, 28, 28, generator=g).to(dtype)
             ops.paste_masks(masks, boxes, (48, 56), backend="triton")
             ops.paste_masks(masks, boxes, (48, 56), threshold=0.5, backend="triton")
@@ -273,12 +279,17 @@ COMPILE = textwrap.dedent("""
         kwargs = {name: argument(v) for name, v in rec["args"].items()} | rec["options"]
         consts = {k: v["constexpr"] for k, v in rec["args"].items() if "constexpr" in v}
         t0 = time.perf_counter()
-        what = f"{rec['kernel']} {consts} {rec['options']}"
+        # The variant's name: its constexprs, options and, where not fp32, its tensors' dtypes.
+        dtypes = {k: v["tensor"] for k, v in rec["args"].items() if v.get("tensor", "float32") != "float32"}
+        what = f"{rec['kernel']} {consts} {rec['options']}" + (f" {dtypes}" if dtypes else "")
         try:
             src, target, options = specialise(fn, kwargs)
             kernel = triton.compile(src, target=target, options=options.__dict__)
         except Exception as exc:  # report every failing variant, not just the first
-            return {"error": f"{what}: " + (str(exc).strip().splitlines() or [repr(exc)])[-1][:400]}
+            # The message's first line and last lines (a compile error ends with the source
+            # line and a caret under it, after the reason).
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [repr(exc)]
+            return {"error": f"{what}: " + " | ".join(dict.fromkeys(lines[:1] + lines[-4:]))[:1200]}
         regs, stack = resources(kernel.asm["cubin"])
         print(f"{time.perf_counter() - t0:6.1f} s {regs:4d} regs {stack:3d} B stack  {what}", file=sys.stderr,
               flush=True)
@@ -340,6 +351,8 @@ def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["results"]
+    if os.environ.get("FASTMASK_COMPILE_REPORT"):  # registers and stack per variant, for NOTES.md tables
+        Path(os.environ["FASTMASK_COMPILE_REPORT"]).write_text(json.dumps(report, indent=1))
     assert len(results) == len(recorded)
     errors = [r["error"] for r in results if "error" in r]
     assert not errors, f"{len(errors)} of {len(results)} variants fail to compile:\n" + "\n".join(errors)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import TOL, assert_close_verbose, pyramid_boxes, random_boxes
+from helpers import TOL, TRITON_DEVICES, assert_close_verbose, pyramid_boxes, random_boxes
 
 from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
 from fastmask.ops.roi_align import boxes_to_rois, map_levels, roi_align_ref
@@ -265,3 +265,31 @@ def test_roi_align_bad_scalars_and_batch_index():
         multiscale_roi_align(feats, [torch.zeros(1, 4)], 7, [(0, 0)], backend="torch")
     with pytest.raises(TypeError, match="canonical_level"):
         multiscale_roi_align(feats, [torch.zeros(1, 4)], 7, [(64, 64)], canonical_level=4.5, backend="torch")
+
+
+MULTISCALE_BACKENDS = ["torch"] + (["triton"] if TRITON_DEVICES else [])
+
+
+@pytest.mark.parametrize("backend", MULTISCALE_BACKENDS)
+def test_multiscale_maps_that_are_not_adjacent_levels(backend):
+    """Maps of strides 8 and 32 (torchvision's own export test): torchvision pools level index
+    i from the i-th map given, so RoIs mapped to level 4 read the stride-32 map and those
+    mapped to level 5 (index 2, past the last map) pool zeros; forward and backward alike."""
+    g = torch.Generator().manual_seed(5)
+    feats = {"s8": torch.randn(2, 3, 64, 64, generator=g), "s32": torch.randn(2, 3, 16, 16, generator=g)}
+    boxes = [torch.tensor([[0.0, 0.0, 500.0, 500.0], [10.0, 10.0, 40.0, 40.0], [0.0, 0.0, 200.0, 200.0]]),
+             torch.tensor([[5.0, 5.0, 120.0, 120.0], [3.0, 30.0, 460.0, 400.0]])]
+    sizes = [(512, 512)] * 2
+    leaves = {k: v.clone().requires_grad_() for k, v in feats.items()}
+    tv_leaves = {k: v.clone().requires_grad_() for k, v in feats.items()}
+    want = torchvision.ops.MultiScaleRoIAlign(["s8", "s32"], 7, 2)(tv_leaves, boxes, sizes)
+    got = MultiScaleRoIAlign(["s8", "s32"], 7, 2, backend=backend)(leaves, boxes, sizes)
+    levels = map_levels(torch.cat(boxes), 3, 5)
+    assert set(levels.tolist()) == {0, 1, 2}, "the boxes must reach every level index"
+    assert (want[levels == 2] == 0).all() and (want[levels != 2] != 0).any()
+    assert_close_verbose(got, want, *TOL[torch.float32], what=backend)
+    grad = torch.randn(want.shape, generator=g)
+    want.backward(grad)
+    got.backward(grad)
+    for k in feats:
+        assert_close_verbose(leaves[k].grad, tv_leaves[k].grad, *TOL[torch.float32], what=f"{backend} grad {k}")

@@ -331,7 +331,7 @@ def test_descriptor_cached_per_geometry(device):
     kw = dict(k_min=k_min, k_max=k_max)
 
     def plan_of(features, sc):
-        key = (features[0].device, ra._stream_key(features[0].device), tuple(sc),
+        key = (features[0].device, ra._stream_key(features[0].device), False, tuple(sc),
                tuple([(f.shape, f.stride()) for f in features]))
         return ra._FWD_PLANS[key]
 
@@ -465,9 +465,33 @@ def test_triton_backend_refusals(device):
                                                     torch.randn(1, 2, 1, 2, device=device)]
     with pytest.raises(RuntimeError, match="at most 5 feature levels"):
         multiscale_roi_align(feats, [torch.zeros(1, 4, device=device)], 7, [IMAGE_HW], 2, backend="triton")
-    with pytest.raises(RuntimeError, match="float64"):
-        roi_align(torch.randn(1, 2, 5, 5, dtype=torch.float64, device=device),
-                  torch.zeros(1, 5, dtype=torch.float64, device=device), 2, backend="triton")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float64_matches_torchvision(device, layout):
+    """fp64 features are computed in fp64 (RoIs, level mapping, taps, accumulation), as
+    torchvision's fp64 kernel: equal within fp64 rounding, forward and both backwards."""
+    x = to_layout(torch.randn(2, 3, 11, 14, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layout)
+    rois = make_rois(2, 9, 40.0, 3).double()
+    for aligned, ratio in ((False, -1), (True, 2)):
+        want = torchvision.ops.roi_align(x, rois, (3, 4), 0.25, ratio, aligned)
+        got = roi_align(x.to(device), rois.to(device), (3, 4), 0.25, ratio, aligned, backend="triton")
+        assert got.dtype == torch.float64
+        assert_close_verbose(got.cpu(), want, *TOL[torch.float64], what=f"aligned={aligned}")
+    feats = [f.double() for f in make_pyramid(2, 3, 3, layout)]
+    boxes = [pyramid_boxes(6, IMAGE_HW, seed=i).double() for i in range(2)]
+    want = tv_multiscale(feats, boxes, 5, 2)
+    got = multiscale_roi_align([f.to(device) for f in feats], [b.to(device) for b in boxes], 5, IMAGE_SIZES,
+                               backend="triton")
+    assert_close_verbose(got.cpu(), want, *TOL[torch.float64], what="multiscale")
+    # gradcheck needs fp64: the atomic and the deterministic backward are exact derivatives.
+    small = leaf(x[:1, :1, :6, :7], device)
+    small_rois = torch.tensor([[0, 1.2, 0.7, 5.3, 6.1], [0, -0.5, 2.0, 3.5, 4.75]], dtype=torch.float64, device=device)
+    for deterministic in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda t: roi_align(t, small_rois, (2, 3), 1.0, 2, True, backend="triton", deterministic=deterministic),
+            (small,), fast_mode=True), f"deterministic={deterministic}"
 
 
 # --------------------------------------------------------------------------- CUDA, realistic sizes

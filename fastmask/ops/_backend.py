@@ -13,7 +13,6 @@ falls back silently.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import re
@@ -81,7 +80,7 @@ def check_backend_name(backend: str | None) -> str:
     return name
 
 
-def _triton_unusable_reason(device: torch.device, dtype: torch.dtype, dtypes) -> str | None:
+def _triton_unusable_reason(device: torch.device) -> str | None:
     if not _triton_installed():
         return "the triton package is not installed"
     if device.type == "cpu" and not interpreter_enabled():
@@ -90,21 +89,16 @@ def _triton_unusable_reason(device: torch.device, dtype: torch.dtype, dtypes) ->
         return blocker
     if device.type not in ("cpu", "cuda"):
         return f"tensors on device type {device.type!r} are not supported by the Triton kernels"
-    if dtypes is not None and dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        return f"dtype {dtype} is not supported by this kernel (supported: {names})"
     return None
 
 
-def resolve_backend(backend: str | None, tensor: torch.Tensor, op: str, dtypes=None) -> str:
-    """Pick ``"triton"`` or ``"torch"`` for an op whose main input is ``tensor``.
-
-    ``dtypes``: the floating dtypes the op's kernel accepts (None: any).
-    """
+def resolve_backend(backend: str | None, tensor: torch.Tensor, op: str) -> str:
+    """Pick ``"triton"`` or ``"torch"`` for an op whose main input is ``tensor`` (every kernel
+    takes every dtype its op accepts)."""
     name = check_backend_name(backend)
     if name == "torch":
         return "torch"
-    reason = _triton_unusable_reason(tensor.device, tensor.dtype, dtypes)
+    reason = _triton_unusable_reason(tensor.device)
     if name == "auto":
         return "triton" if tensor.device.type == "cuda" and reason is None else "torch"
     if reason is not None:

@@ -239,7 +239,7 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0),
     if not isinstance(bbox_xform_clip, (int, float)) or isinstance(bbox_xform_clip, bool):
         raise TypeError(f"bbox_xform_clip must be a float, got {type(bbox_xform_clip).__name__}")
     clip_to = _check_clip_to(clip_to, rel_codes.shape[0], rel_codes.device)
-    name = resolve_backend(backend, rel_codes, "decode_boxes", dtypes=FLOAT_DTYPES)
+    name = resolve_backend(backend, rel_codes, "decode_boxes")
     clip_t = clip_to if isinstance(clip_to, Tensor) else None
     clip_hw = [float(v) for v in clip_to] if clip_to is not None and clip_t is None else None
     return torch.ops.fastmask.decode_boxes(rel_codes.detach(), boxes.detach(), list(weights), float(bbox_xform_clip),

@@ -43,8 +43,6 @@ from ._library import register
 # image of fp16/bf16 masks) stays a bounded extra on top of the result.
 REF_CHUNK_PIXELS = 1 << 25
 
-# Dtypes of masks the Triton kernel reads (it computes in fp32); fp64 masks use the reference.
-KERNEL_DTYPES = FLOAT_DTYPES[:3]
 
 
 class BoxMasks(NamedTuple):
@@ -234,8 +232,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
         threshold: None for float masks; a number for bool masks ``pixel > threshold``, the
             pixel computed in fp32 (fp64 for fp64 masks) and never stored as float by the
             Triton backend. Pixels outside the box are 0, so they are ``0 > threshold``.
-        backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``). The Triton kernel
-            reads fp16/bf16/fp32 masks; fp64 masks use the reference.
+        backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``).
 
     Returns Tensor[N, 1, H, W] in the masks' dtype (bool with a threshold). Without a
     threshold it equals torchvision's result within float rounding; a box wholly outside
@@ -244,7 +241,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
     """
     m = _check_args(masks, boxes, padding, threshold)
     h, w = _image_size(image_size)
-    name = resolve_backend(backend, masks, "paste_masks", dtypes=KERNEL_DTYPES)
+    name = resolve_backend(backend, masks, "paste_masks")
     return torch.ops.fastmask.paste_masks(m, boxes, [h, w], padding, None if threshold is None else float(threshold),
                                           name)[:, None]
 
@@ -287,7 +284,7 @@ def paste_masks_in_boxes(masks: Tensor, boxes: Tensor, padding: int = 1, thresho
     m = _check_args(masks, boxes, padding, threshold)
     if image_size is not None:
         image_size = _image_size(image_size)
-    if resolve_backend(backend, masks, "paste_masks_in_boxes", dtypes=KERNEL_DTYPES) == "triton":
+    if resolve_backend(backend, masks, "paste_masks_in_boxes") == "triton":
         from fastmask.kernels.mask_paste import paste_masks_fwd
 
         windows = box_windows(expand_boxes_int(boxes, m.shape[-1], padding), image_size)

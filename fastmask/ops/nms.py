@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, data_checks_enabled
+from ._checks import check_finite, check_same_device, check_tensor, data_checks_enabled
 from ._library import register
 
 # Sorted boxes the reference resolves together. Larger tiles mean fewer Python steps but
@@ -307,7 +307,7 @@ def nms_keep_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Ten
 
 
 def _backend(backend: str | None, boxes: Tensor, op: str) -> str:
-    return resolve_backend(backend, boxes, op, FLOAT_DTYPES)
+    return resolve_backend(backend, boxes, op)
 
 
 # --------------------------------------------------------------------------- Triton path

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._checks import check_finite, check_same_device, check_tensor
 from ._device import cached_table
 from ._library import register
 from .anchors import AnchorGeometry
@@ -309,7 +309,7 @@ def rpn_proposals_padded(objectness: Tensor, pred_bbox_deltas: Tensor,
 
     objectness = objectness.detach().reshape(b, a_total)
     deltas = pred_bbox_deltas.detach().reshape(b, a_total, 4)
-    name = resolve_backend(backend, deltas, "rpn_proposals", dtypes=FLOAT_DTYPES)
+    name = resolve_backend(backend, deltas, "rpn_proposals")
     if geometry is not None:
         geo_args, anchor_table = geometry.flat(), None
     else:

@@ -210,12 +210,22 @@ def _level_sizes(shapes: Sequence[Sequence[int]], device: torch.device):
     return heights, widths, offsets
 
 
-def _roi_levels(rois: Tensor, scales: Sequence[float], canonical_scale: float, canonical_level: int) -> Tensor:
-    """Each RoI's level: 0 with one level, else :func:`map_levels`."""
+def _roi_levels(rois: Tensor, scales: Sequence[float], canonical_scale: float,
+                canonical_level: int) -> tuple[Tensor, Tensor | None]:
+    """Each RoI's map index (0 with one level, else :func:`map_levels`), clamped to the maps
+    given, and which RoIs pool nothing (None when all pool).
+
+    torchvision pools level index i from the i-th map given, whatever that map's stride: maps
+    that are not adjacent pyramid levels (strides 8 and 32) leave indices past the last map,
+    whose RoIs pool zeros (the Triton kernels do the same).
+    """
     if len(scales) == 1:
-        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device), None
     k_min, k_max = level_range(scales)
-    return map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    levels = map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    if k_max - k_min < len(scales):
+        return levels, None
+    return levels.clamp(max=len(scales) - 1), levels >= len(scales)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -252,9 +262,11 @@ def _levels_ref(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int
     """The reference over one level (every RoI on it) or several (each RoI on its mapped level)."""
     cdt = _compute_dtype(features[0].dtype)
     table, heights, widths, offsets = _level_table(features, cdt)
-    levels = _roi_levels(rois, scales, canonical_scale, canonical_level)
+    levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=features[0].device)
     out = _roi_align_flat(table, heights, widths, offsets, scale_t, rois, levels, output_size, sampling_ratio, aligned)
+    if unpooled is not None:
+        out = out.masked_fill(unpooled[:, None, None, None], 0.0)
     return out.to(features[0].dtype)
 
 
@@ -270,10 +282,13 @@ def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence
     cdt = _compute_dtype(dtype)
     n, c = shapes[0][:2]
     heights, widths, offsets = _level_sizes(shapes, grad.device)
-    levels = _roi_levels(rois, scales, canonical_scale, canonical_level)
+    levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=grad.device)
     total = sum(int(s[2]) * int(s[3]) for s in shapes)
-    table = _roi_align_flat_backward(grad.to(cdt), (n, total, c), heights, widths, offsets, scale_t, rois, levels,
+    grad = grad.to(cdt)
+    if unpooled is not None:
+        grad = grad.masked_fill(unpooled[:, None, None, None], 0.0)
+    table = _roi_align_flat_backward(grad, (n, total, c), heights, widths, offsets, scale_t, rois, levels,
                                      output_size, sampling_ratio, aligned)
     rows = [int(s[2]) * int(s[3]) for s in shapes]
     return [t.reshape(n, s[2], s[3], c).permute(0, 3, 1, 2).to(dtype).contiguous()
@@ -297,16 +312,19 @@ def _forward_impl(features: Sequence[Tensor], rois: Tensor, output_size: Sequenc
         from fastmask.kernels.roi_align import roi_align_fwd
 
         k_min, k_max = level_range(scales) if len(features) > 1 else (0, 0)
-        return roi_align_fwd(list(features), _fp32_rows(rois), out_hw, [float(s) for s in scales],
+        return roi_align_fwd(list(features), _kernel_rows(rois, features[0].dtype), out_hw, [float(s) for s in scales],
                              sampling_ratio, aligned, canonical_scale=canonical_scale, canonical_level=canonical_level,
                              k_min=k_min, k_max=k_max)
     out = _levels_ref(features, rois, out_hw, scales, sampling_ratio, aligned, canonical_scale, canonical_level)
     return out.contiguous()
 
 
-def _fp32_rows(rois: Tensor) -> Tensor:
-    """``rois`` as the kernels read them: fp32, contiguous (no op when they already are)."""
-    return rois if rois.dtype == torch.float32 and rois.is_contiguous() else rois.to(torch.float32).contiguous()
+def _kernel_rows(rois: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rois`` as the kernels read them: contiguous, in the compute dtype of features of
+    ``dtype`` (fp32; fp64 for fp64), which the kernels compute and accumulate in (no op when
+    they already are)."""
+    cdt = _compute_dtype(dtype)
+    return rois if rois.dtype == cdt and rois.is_contiguous() else rois.to(cdt).contiguous()
 
 
 def _forward_fake(features: Sequence[Tensor], rois: Tensor, output_size: Sequence[int], backend: str) -> Tensor:
@@ -380,7 +398,7 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, shapes: Sequence[int], ch
         from fastmask.kernels.roi_align import roi_align_bwd
 
         k_min, k_max = level_range(scales) if len(level_shapes) > 1 else (0, 0)
-        grads = roi_align_bwd(grad, _fp32_rows(rois), level_shapes, list(channels_last), out_hw,
+        grads = roi_align_bwd(grad, _kernel_rows(rois, dtype), level_shapes, list(channels_last), out_hw,
                               [float(s) for s in scales], sampling_ratio, aligned, canonical_scale=canonical_scale,
                               canonical_level=canonical_level, k_min=k_min, k_max=k_max,
                               deterministic=deterministic, grad_dtype=dtype)
@@ -515,7 +533,7 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
     check_same_device(input=input, boxes=rois)
     out_hw = pair("output_size", output_size)
     _check_batch_index(rois, input.shape[0])
-    name = resolve_backend(backend, input, "roi_align", dtypes=FLOAT_DTYPES[:3])
+    name = resolve_backend(backend, input, "roi_align")
     return torch.ops.fastmask.roi_align(input, rois.detach(), list(out_hw), float(spatial_scale), sampling_ratio,
                                         aligned, _deterministic(deterministic), name)
 
@@ -551,7 +569,7 @@ def multiscale_roi_align(features: Sequence[Tensor], boxes: Sequence[Tensor], ou
     _check_scalars(sampling_ratio=sampling_ratio, canonical_scale=canonical_scale, canonical_level=canonical_level)
     out_hw = pair("output_size", output_size)
     scales = infer_scales([f.shape[-2:] for f in features], image_sizes)
-    name = resolve_backend(backend, features[0], "multiscale_roi_align", dtypes=FLOAT_DTYPES[:3])
+    name = resolve_backend(backend, features[0], "multiscale_roi_align")
     if name == "triton" and len(features) > KERNEL_MAX_LEVELS:
         if check_backend_name(backend) == "triton":
             raise RuntimeError(f"multiscale_roi_align: the Triton kernel takes at most {KERNEL_MAX_LEVELS} feature "

@@ -6,12 +6,15 @@ Both follow torchvision's ``BoxCoder.decode_single`` operation by operation:
     w = x2 - x1;  cx = x1 + 0.5 * w;  dx /= wx;  dw = min(dw / ww, clip)
     pcx = dx * w + cx;  pw = exp(dw) * w;  box = (pcx - 0.5 * pw, ..., pcx + 0.5 * pw, ...)
 
-Computation is in fp32 (fp64 for fp64 inputs); fp16/bf16 are rounded once when stored. To
-give torchvision's CUDA bits on the GPU the launchers turn off fused multiply-add
-contraction (``enable_fp_fusion=False``, torch's eager kernels never fuse across ops), use
-libdevice's ``exp`` (the one ``expf`` of torch's CUDA kernels) and divide by a weight as
-torch's CUDA kernels divide by a scalar, by multiplying with its fp32 reciprocal. Under
-Triton's interpreter ``exp`` is NumPy's. Weights of 1 are skipped at compile time.
+Computation is in fp32 (fp64 for fp64 inputs); fp16/bf16 are rounded once when stored. The
+launchers turn off fused multiply-add contraction (``enable_fp_fusion=False``: torch's eager
+kernels never fuse across ops) and round as torch does on the device (``CUDA_MATH``): on
+the GPU libdevice's ``exp`` (the ``expf`` of torch's CUDA kernels) and a division by a
+weight as a multiplication by its fp32 reciprocal (torch's CUDA division by a scalar), so
+the result is torchvision's bit for bit; under Triton's interpreter an exact division, as
+torch's CPU kernels, and NumPy's ``exp``, which is 1 ulp from torch's CPU ``exp`` on about
+a quarter of the inputs: the only difference from torchvision there (tested). Weights of
+1 are skipped at compile time.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ INTERPRETER_BLOCK = 8192
 
 
 @triton.jit
-def _exp(x, ACCURATE_EXP: tl.constexpr):
-    if ACCURATE_EXP:
+def _exp(x, CUDA_MATH: tl.constexpr):
+    if CUDA_MATH:
         return libdevice.exp(x)
     else:
         return tl.exp(x)
@@ -51,34 +54,37 @@ def _const(v: tl.constexpr, dt: tl.constexpr):
 
 
 @triton.jit
-def _unweight(d, W: tl.constexpr, F64: tl.constexpr):
-    # d / W as torch computes it: fp64 divides; fp32 multiplies by the fp32 reciprocal
-    # (torch's CUDA division by a scalar); W == 1 costs nothing.
+def _unweight(d, W: tl.constexpr, F64: tl.constexpr, CUDA_MATH: tl.constexpr):
+    # d / W as torch computes it: fp64 divides; fp32 multiplies by the fp32 reciprocal on the
+    # GPU (torch's CUDA division by a scalar) and divides exactly on the CPU (torch's CPU
+    # kernels); W == 1 costs nothing.
     if W != 1.0:
         if F64:
             d = d / _const(W, tl.float64)
-        else:
+        elif CUDA_MATH:
             d = d * (1.0 / W)
+        else:
+            d = tl.div_rn(d, _const(W, tl.float32))
     return d
 
 
 @triton.jit
 def _decode(dx, dy, dw, dh, x1, y1, x2, y2, WX: tl.constexpr, WY: tl.constexpr, WW: tl.constexpr,
-            WH: tl.constexpr, XFORM_CLIP: tl.constexpr, F64: tl.constexpr, ACCURATE_EXP: tl.constexpr):
+            WH: tl.constexpr, XFORM_CLIP: tl.constexpr, F64: tl.constexpr, CUDA_MATH: tl.constexpr):
     """BoxCoder.decode_single on one block of (delta, reference box) pairs, in registers."""
     widths = x2 - x1
     heights = y2 - y1
     ctr_x = x1 + 0.5 * widths
     ctr_y = y1 + 0.5 * heights
-    dx = _unweight(dx, WX, F64)
-    dy = _unweight(dy, WY, F64)
+    dx = _unweight(dx, WX, F64, CUDA_MATH)
+    dy = _unweight(dy, WY, F64, CUDA_MATH)
     clamp = _const(XFORM_CLIP, tl.float64 if F64 else tl.float32)
-    dw = tl.minimum(_unweight(dw, WW, F64), clamp, propagate_nan=tl.PropagateNan.ALL)
-    dh = tl.minimum(_unweight(dh, WH, F64), clamp, propagate_nan=tl.PropagateNan.ALL)
+    dw = tl.minimum(_unweight(dw, WW, F64, CUDA_MATH), clamp, propagate_nan=tl.PropagateNan.ALL)
+    dh = tl.minimum(_unweight(dh, WH, F64, CUDA_MATH), clamp, propagate_nan=tl.PropagateNan.ALL)
     pred_ctr_x = dx * widths + ctr_x
     pred_ctr_y = dy * heights + ctr_y
-    half_w = 0.5 * (_exp(dw, ACCURATE_EXP) * widths)
-    half_h = 0.5 * (_exp(dh, ACCURATE_EXP) * heights)
+    half_w = 0.5 * (_exp(dw, CUDA_MATH) * widths)
+    half_h = 0.5 * (_exp(dh, CUDA_MATH) * heights)
     return pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h
 
 
@@ -109,7 +115,7 @@ def _decode_boxes_kernel(
     N, K, clip_h, clip_w,
     stride_cn, stride_ck, stride_bn, stride_bk, stride_sn, stride_sk,
     WX: tl.constexpr, WY: tl.constexpr, WW: tl.constexpr, WH: tl.constexpr, XFORM_CLIP: tl.constexpr,
-    CLIP_MODE: tl.constexpr, F64: tl.constexpr, ACCURATE_EXP: tl.constexpr,
+    CLIP_MODE: tl.constexpr, F64: tl.constexpr, CUDA_MATH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Decode a [BLOCK_N rows, BLOCK_K boxes] tile of class-specific deltas.
@@ -143,7 +149,7 @@ def _decode_boxes_kernel(
     dw = tl.load(cp + 2 * stride_ck, mask=mask, other=0.0).to(cdt)
     dh = tl.load(cp + 3 * stride_ck, mask=mask, other=0.0).to(cdt)
 
-    bx1, by1, bx2, by2 = _decode(dx, dy, dw, dh, x1, y1, x2, y2, WX, WY, WW, WH, XFORM_CLIP, F64, ACCURATE_EXP)
+    bx1, by1, bx2, by2 = _decode(dx, dy, dw, dh, x1, y1, x2, y2, WX, WY, WW, WH, XFORM_CLIP, F64, CUDA_MATH)
 
     # Clipping to the image in the same pass: saves the box head a read and a write of
     # the [N, 4K] boxes (and torchvision's per-image loop of clamp + stack launches).
@@ -195,7 +201,7 @@ def decode_boxes(rel_codes: torch.Tensor, boxes: torch.Tensor, weights, bbox_xfo
         stride_bn=boxes.stride(0), stride_bk=boxes.stride(1),
         stride_sn=sizes.stride(0), stride_sk=sizes.stride(1),
         WX=wx, WY=wy, WW=ww, WH=wh, XFORM_CLIP=float(bbox_xform_clip),
-        CLIP_MODE=clip_mode, F64=rel_codes.dtype == torch.float64, ACCURATE_EXP=on_gpu,
+        CLIP_MODE=clip_mode, F64=rel_codes.dtype == torch.float64, CUDA_MATH=on_gpu,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False,
     )
     return out
@@ -212,7 +218,7 @@ def _rpn_candidates_kernel(
     stride_ib, stride_pb, stride_db, stride_da, stride_dk, stride_ab, stride_aa, stride_ak,
     NUM_LEVELS: tl.constexpr, MAX_CELLS: tl.constexpr, GENERATE_ANCHORS: tl.constexpr,
     XFORM_CLIP: tl.constexpr, MIN_SIZE: tl.constexpr, SCORE_THRESH: tl.constexpr,
-    F64: tl.constexpr, ACCURATE_EXP: tl.constexpr, BLOCK: tl.constexpr,
+    F64: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Turn one block of one image's top-k candidates into clipped proposal boxes and flags.
 
@@ -279,7 +285,7 @@ def _rpn_candidates_kernel(
         x2 = tl.load(ap + 2 * stride_ak, mask=mask, other=0.0).to(cdt)
         y2 = tl.load(ap + 3 * stride_ak, mask=mask, other=0.0).to(cdt)
 
-    bx1, by1, bx2, by2 = _decode(dx, dy, dw, dh, x1, y1, x2, y2, 1.0, 1.0, 1.0, 1.0, XFORM_CLIP, F64, ACCURATE_EXP)
+    bx1, by1, bx2, by2 = _decode(dx, dy, dw, dh, x1, y1, x2, y2, 1.0, 1.0, 1.0, 1.0, XFORM_CLIP, F64, CUDA_MATH)
 
     # Clip to the image, round to the output dtype, then flag small boxes and low scores
     # on the rounded values (as torchvision tests the stored boxes): the clip, the size
@@ -344,7 +350,7 @@ def rpn_candidates(top_idx: torch.Tensor, probs: torch.Tensor, deltas: torch.Ten
         stride_ab=src.stride(0), stride_aa=src.stride(1), stride_ak=src.stride(2),
         NUM_LEVELS=level_table.shape[0], MAX_CELLS=cells.shape[1], GENERATE_ANCHORS=anchors is None,
         XFORM_CLIP=float(bbox_xform_clip), MIN_SIZE=float(min_size), SCORE_THRESH=float(score_thresh),
-        F64=deltas.dtype == torch.float64, ACCURATE_EXP=on_gpu, BLOCK=block,
+        F64=deltas.dtype == torch.float64, CUDA_MATH=on_gpu, BLOCK=block,
         num_warps=4, enable_fp_fusion=False,
     )
     return boxes, valid, levels

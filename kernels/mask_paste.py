@@ -215,10 +215,17 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
         BLOCK_W wide, on the GPU and one tile per canvas (up to the INTERPRETER_BLOCK_* caps)
         in the interpreter.
     Returns ``out``: the masks' dtype, or bool (``value > threshold``) with a threshold.
+    Limits: one canvas under 2**31 pixels (its offsets are int32; the mask's and the
+    canvas's own offsets are int64, so N masks may hold any number of pixels in all), and on
+    the GPU at most 65535 tiles per canvas axis (524,280 rows, 16.7M columns); beyond,
+    ValueError.
     """
     n, mask_h, mask_w = masks.shape
     out_h, out_w = image_size if local_size is None else local_size
     im_h, im_w = image_size if image_size is not None else (0, 0)
+    if out_h * out_w >= 2**31:
+        raise ValueError(f"paste_masks: canvases of {out_h} x {out_w} pixels; the Triton kernel takes fewer than "
+                         "2**31 pixels per canvas (use backend='torch')")
     out_dtype = masks.dtype if threshold is None else torch.bool
     if out is None:
         out = torch.empty((n, out_h, out_w), dtype=out_dtype, device=masks.device)
@@ -236,6 +243,9 @@ def paste_masks_fwd(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
     # One program per (mask, tile of block_h rows x block_w columns of its canvas). The mask
     # count only sets the grid, so a new batch size does not recompile.
     grid = (n, triton.cdiv(out_h, block_h), triton.cdiv(out_w, block_w))
+    if not on_cpu and max(grid[1:]) > 65535:  # CUDA's limit on the grid's second and third axes
+        raise ValueError(f"paste_masks: canvases of {out_h} x {out_w} pixels need {grid[1]} x {grid[2]} tiles; "
+                         "the GPU takes at most 65535 per axis")
     _paste_masks_kernel[grid](
         masks_ptr=masks, boxes_ptr=boxes, out_ptr=out.view(torch.uint8) if threshold is not None else out,
         mask_h=mask_h, mask_w=mask_w,

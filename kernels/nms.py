@@ -614,6 +614,34 @@ def threshold_bits(iou_threshold: float, f64: bool) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
+# Most boxes (all images together) one call takes: positions are int32 in the kernels.
+MAX_BOXES = 2**31 - 1
+
+
+def _check_size(t: int) -> None:
+    if t > MAX_BOXES:
+        raise ValueError(f"NMS over {t} boxes in one call: the Triton kernels take at most {MAX_BOXES} "
+                         "(positions are int32); split the boxes, or use backend='torch'")
+
+
+def scratch_bytes(t: int, f64: bool = False) -> int:
+    """An upper bound of the device memory one call over ``t`` boxes allocates besides its
+    inputs and output: the suppression bits of one chunk (T x ceil(T / 64) words up to
+    SINGLE_CHUNK_MAX boxes, at most 128 MiB; MAX_CHUNK x 128 words, 8 MiB, beyond) and at
+    most 64 bytes per box (the sort keys and their sort, sorted copies of the boxes and
+    classes, the per-box ranks and flags)."""
+    rows, ws = _mask_shape(t, _chunk_size(t, f64, None))
+    return rows * ws * 8 + 64 * t
+
+
+def _mask_shape(t: int, chunk: int) -> tuple[int, int]:
+    """(rows, words per row) of the suppression bits: rows only for the positions a chunk has,
+    and what the longest chunk needs rounded up to 16 words (aligned rows) but never past
+    chunk / 64 (T x ceil(T / 64) words for one chunk instead of C x C / 64)."""
+    w = chunk // WORD_BITS
+    return min(chunk, t), min(w, triton.cdiv(triton.cdiv(min(chunk, t), WORD_BITS), 16) * 16)
+
+
 def _chunk_size(t: int, f64: bool, max_chunk: int | None) -> int:
     """Positions per chunk: a power of two >= 64 (few compiled variants of W)."""
     whole = triton.next_power_of_2(max(t, WORD_BITS))
@@ -659,12 +687,9 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
     keyed = key is not None
     chunk = _chunk_size(t, f64, max_chunk)
     w = chunk // WORD_BITS
-    # Words per mask row: what the longest chunk needs, rounded up to 16 (aligned rows) but
-    # never past W; rows only for the positions a chunk has (T x ceil(T / 64) words for one
-    # chunk instead of C x C / 64).
-    ws = min(w, triton.cdiv(triton.cdiv(min(chunk, t), WORD_BITS), 16) * 16)
+    rows, ws = _mask_shape(t, chunk)
     # Scratch poisoned with all bits set: reading an unwritten word would remove boxes.
-    mask = _alloc((min(chunk, t), ws), torch.int64, dev, poison, -1)
+    mask = _alloc((rows, ws), torch.int64, dev, poison, -1)
     removed = _alloc((w,), torch.int64, dev, poison, -1) if t > chunk else mask
     placeholder = keep  # any tensor, for the pointers a variant does not read
     thr_bits = threshold_bits(iou_threshold, f64)
@@ -764,6 +789,7 @@ def keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, i
     """
     b, n = scores.shape
     t = b * n
+    _check_size(t)
     dev = boxes.device
     keep = _keep_out(b, n, dev, poison)
     rank = _alloc((t,), torch.int64, dev, poison, -1) if ranks else None
@@ -772,8 +798,6 @@ def keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, i
         if ranks:
             count.zero_()
         return (keep, rank, count) if ranks else keep
-    if t >= 2**31:
-        raise ValueError(f"NMS over {t} boxes: the kernels index positions in int32")
     img_shift, cls_mask, exact = _key_layout(b, idxs)
     ranked = scores.dtype == torch.float64  # 53-bit scores: their stable sort's rank is the key
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices if ranked else None
@@ -809,6 +833,7 @@ def keep_mask_presorted(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.
     """
     b, n = groups.shape
     t = b * n
+    _check_size(t)
     keep = _keep_out(b, n, boxes.device, poison)
     if t == 0:
         return keep

@@ -615,8 +615,9 @@ def _level_rows(shapes, strides, scales, c_contig: bool, f64: bool, offsets=None
 
     Returns (rows, STRIDE_ALIGN, INDEX_64): strides are stored divided by STRIDE_ALIGN (the
     channel stride as 0 when ``c_contig``: the kernel does not read it); INDEX_64 is set when
-    a size or a stored stride needs 64 bits (the JIT typed such an argument i64, the others
-    i32). Offsets are int64 in the kernel either way.
+    an element's offset inside one image (channel, row and column terms, computed in 32 bits
+    otherwise) can reach 2**31; the image's offset (batch index times its stride) and the
+    level's are int64 in the kernel either way.
     """
     align = _stride_align([v for st in strides for i, v in enumerate(st) if not (c_contig and i == 1)])
     rows = []
@@ -629,8 +630,8 @@ def _level_rows(shapes, strides, scales, c_contig: bool, f64: bool, offsets=None
         row[DESC_OFFSET] = offsets[i] if offsets else 0
         row[DESC_TILE_START] = tile_starts[i] if tile_starts else 0
         rows.append(row)
-    index_64 = any(max(r[DESC_HEIGHT], r[DESC_WIDTH], r[DESC_STRIDE_N], r[DESC_STRIDE_C], r[DESC_STRIDE_H],
-                       r[DESC_STRIDE_W]) >= 2**31 for r in rows)
+    index_64 = any((c - 1) * abs(sc) + (h - 1) * abs(sh) + (w - 1) * abs(sw) >= 2**31 or abs(sn) >= 2**31
+                   for (_, c, h, w), (sn, sc, sh, sw) in zip(shapes, strides))
     return rows + [rows[0]] * (MAX_LEVELS - len(rows)), align, index_64
 
 
@@ -752,6 +753,7 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
     so = out.stride()
     # Grid: one program per (RoI block, bin block, channel block).
     grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
+    _check_grid(grid[0], k)
     _roi_align_fwd_kernel[grid](
         out, rois, desc, k,
         feats[0], feats[1], feats[2], feats[3], feats[4],
@@ -762,6 +764,13 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
         BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not channels_last, num_warps=warps,
     )
     return out
+
+
+def _check_grid(programs: int, k: int) -> None:
+    """The one-axis grid must stay under CUDA's 2**31 programs (RoIs x bin blocks x channel blocks)."""
+    if programs >= 2**31:
+        raise ValueError(f"roi_align: {k} RoIs need {programs} programs, past the GPU's 2**31 - 1; "
+                         "split the RoIs into several calls")
 
 
 def _grad_layout(shapes, channels_last: list[bool]):
@@ -875,6 +884,7 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
         br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, f64, block_r, block_p, block_c)
         # Grid: one program per (RoI block, bin block, channel block), as the forward.
         grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
+        _check_grid(grid[0], k)
         _roi_align_bwd_kernel[grid](
             out, grad_out, rois, desc, k,
             gs[0], gs[1], gs[2], gs[3],

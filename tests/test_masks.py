@@ -210,6 +210,25 @@ def test_kernel_writes_every_pixel(device, tile, threshold):
 # --------------------------------------------------------------------------- box-local output
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_64_bit_offsets_and_limits(device):
+    """Masks whose offsets pass 2**31 elements (a strided view of a reserved buffer that is
+    never touched but where the masks lie: no memory on the CPU) paste as their dense copy;
+    a canvas of 2**31 pixels is refused before anything is allocated."""
+    try:
+        buf = torch.empty(3 * 2**30 + 28 * 28, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        pytest.skip(f"cannot reserve 12 GiB of address space: {exc}")
+    masks = buf.as_strided((3, 28, 28), (2**30 + 17, 28, 1), 5)  # mask 2 starts past element 2**31
+    masks.copy_(random_masks(3, 28, 7).squeeze(1))
+    boxes = mixed_boxes(3, 40, 56, 7, device=device)
+    got = paste_masks_fwd(masks, boxes, (40, 56))
+    assert torch.equal(got, paste_masks_fwd(masks.contiguous(), boxes, (40, 56)))
+    assert got.abs().sum() > 0
+    with pytest.raises(ValueError, match="2\\*\\*31 pixels per canvas"):
+        paste_masks(masks[:, None], boxes, (2**16, 2**15), backend="triton")
+
+
 def assert_local_is_crop(local: BoxMasks, full: torch.Tensor, image_size) -> None:
     """Each slab equals the full mask inside its window; the rest of the slab and image are 0."""
     h, w = image_size

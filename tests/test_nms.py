@@ -600,11 +600,40 @@ def test_cuda_keep_mask_has_no_host_sync():
 
 @requires_cuda
 def test_cuda_100k_boxes_chunked():
-    n = 100_000  # 13 chunks of 8192
+    """100k boxes: 13 chunks of 8192, the same indices as torchvision, and device memory
+    within the stated bound (``scratch_bytes``: 8 MiB of bits + 64 bytes per box)."""
+    from fastmask.kernels.nms import scratch_bytes
+
+    n = 100_000
     boxes = box_set("clustered", n, 2, max_coord=4000.0)
     scores = scores_for(n, 2)
-    got = nms(boxes.cuda(), scores.cuda(), 0.7)
+    boxes_d, scores_d = boxes.cuda(), scores.cuda()
+    nms(boxes_d, scores_d, 0.7)  # compile first
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = nms(boxes_d, scores_d, 0.7)
+    peak = torch.cuda.max_memory_allocated() - base
     assert torch.equal(got.cpu(), torchvision.ops.nms(boxes, scores, 0.7))
+    assert peak <= scratch_bytes(n) + 8 * n, f"{peak} bytes at peak, bound {scratch_bytes(n) + 8 * n}"
+
+
+def test_limits_stated_and_refused():
+    """The kernels' limits: at most 2**31 - 1 boxes per call (refused before anything is
+    allocated: the inputs here are expanded, so they take no memory), and scratch memory
+    that stays bounded as N grows past one chunk."""
+    from fastmask.kernels import nms as nms_kernels
+
+    huge = torch.zeros(1, 1).expand(1, 2**31)
+    with pytest.raises(ValueError, match=r"2147483648 boxes.*at most 2147483647"):
+        nms_kernels.keep_mask(torch.zeros(1, 1, 4).expand(1, 2**31, 4), huge, 0.5, None, None)
+    with pytest.raises(ValueError, match="at most"):
+        nms_kernels.keep_mask_presorted(torch.zeros(1, 1, 4).expand(1, 2**31, 4),
+                                        torch.zeros(1, 1, dtype=torch.int64).expand(1, 2**31), None, 0.5)
+    mib = 2**20
+    assert nms_kernels.scratch_bytes(20_000) <= 50 * mib + 64 * 20_000  # one chunk: T x ceil(T / 64) words
+    assert nms_kernels.scratch_bytes(100_000) <= 8 * mib + 64 * 100_000  # chunks of 8192: 8 MiB of bits
+    assert nms_kernels.scratch_bytes(10**7) - 64 * 10**7 == nms_kernels.scratch_bytes(10**5) - 64 * 10**5
 
 
 @requires_cuda

@@ -418,6 +418,66 @@ def test_index_64_kernels(device, layout, monkeypatch):
             assert_close_verbose(a.cpu(), b.cpu(), 1e-6, 0, what=f"backward det={bool(det)} level {i}")
 
 
+def _giant_map(shape, layout, device):
+    """A Tensor of more than 2**31 elements whose storage is mostly never touched (on the CPU
+    the pages stay unallocated), with random values in its bottom-right 48 x 48 corner; that
+    corner (a view) and the map. Skips where the address space cannot be reserved."""
+    try:
+        x = torch.empty(shape, device=device, memory_format=torch.channels_last if layout == "channels_last"
+                        else torch.contiguous_format)
+    except (RuntimeError, MemoryError) as exc:  # e.g. a machine that does not overcommit memory
+        pytest.skip(f"cannot reserve {math.prod(shape) * 4 / 2**30:.1f} GiB of address space: {exc}")
+    assert x.numel() > 2**31
+    corner = x[:, :, -48:, -48:]
+    corner.copy_(torch.randn(corner.shape, generator=torch.Generator().manual_seed(40)))
+    return x, corner
+
+
+# Boxes in the corner's coordinates whose sample positions are exact in fp32 even at 66,000
+# pixels (quarter-pixel edges, bins of whole pixels), so the corner's own RoI Align is the
+# oracle; the last box runs past the map's bottom-right edge, which is the corner's too.
+CORNER_ROIS = [[0, 5.5, 7.25, 29.5, 27.25], [0, 20.0, 10.0, 44.0, 40.0], [0, 40.0, 41.0, 64.0, 61.0]]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout,shape", [("nchw", (1, 1, 66000, 33000)), ("channels_last", (1, 2, 33000, 33000))])
+def test_more_than_2_31_elements(device, layout, shape):
+    """A feature map of 2.18e9 elements, whose row (NCHW) or channels-last row offsets pass
+    2**31 inside one image: the kernel indexes in 64 bits there (INDEX_64) and pools the
+    same values as from a small copy of the region."""
+    x, corner = _giant_map(shape, layout, device)
+    local = torch.tensor(CORNER_ROIS, device=device)
+    rois = local + torch.tensor([0, shape[3] - 48, shape[2] - 48, shape[3] - 48, shape[2] - 48], device=device)
+    got = roi_align(x, rois, (5, 4), 1.0, 2, True, backend="triton")
+    want = roi_align(corner.contiguous(), local, (5, 4), 1.0, 2, True, backend="triton")
+    assert_close_verbose(got.cpu(), want.cpu(), 1e-6, 0, what=f"{layout} {shape}")
+    if device == "cuda":  # the gradient buffer has the map's size: only where memory allows it
+        leaf_x = x.requires_grad_()
+        roi_align(leaf_x, rois, (5, 4), 1.0, 2, True, backend="triton").sum().backward()
+        small = corner.detach().contiguous().requires_grad_()
+        roi_align(small, local, (5, 4), 1.0, 2, True, backend="triton").sum().backward()
+        assert_close_verbose(leaf_x.grad[:, :, -48:, -48:].cpu(), small.grad.cpu(), 1e-6, 0, what="backward")
+        assert leaf_x.grad[:, :, :-48].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_5000_rois(device):
+    """5000 RoIs over four levels (the box head's training count at batch 10), against the
+    reference. The GPU takes one program per RoI (a grid of 5000 x channel blocks); the
+    interpreter takes 256 RoIs per program here, to stay within a second."""
+    from fastmask.kernels import roi_align as ra
+
+    feats = make_pyramid(2, 4, 4, seed=41, device=device)
+    boxes = [pyramid_boxes(2500, IMAGE_SIZES[i], 42 + i, device) for i in range(2)]
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    k_min, k_max = level_range(scales)
+    got = ra.roi_align_fwd(feats, boxes_to_rois(boxes), (7, 7), scales, 2, False, k_min=k_min, k_max=k_max,
+                           block_r=None if device == "cuda" else 256)
+    want = multiscale_roi_align(feats, boxes, 7, IMAGE_SIZES, backend="torch")
+    assert got.shape[0] == sum(len(b) for b in boxes) >= 5000
+    assert_close_verbose(got.cpu(), want.cpu(), *TOL[torch.float32], what="5000 RoIs")
+
+
 # --------------------------------------------------------------------------- edge cases
 
 

@@ -234,6 +234,9 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
             Triton backend. Pixels outside the box are 0, so they are ``0 > threshold``.
         backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``).
 
+    Limits: the reference takes any size (in chunks of ``REF_CHUNK_PIXELS``); the Triton
+    kernel any number of masks, but fewer than 2**31 pixels per canvas (ValueError beyond).
+
     Returns Tensor[N, 1, H, W] in the masks' dtype (bool with a threshold). Without a
     threshold it equals torchvision's result within float rounding; a box wholly outside
     the image gives an all-zero mask (torchvision raises there). N = 0 gives [0, 1, H, W].

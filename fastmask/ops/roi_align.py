@@ -526,6 +526,12 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
 
     Returns Tensor[K, C, PH, PW] in ``input``'s dtype (the Triton backend returns it
     channels-last when ``input`` is); differentiable w.r.t. ``input``.
+
+    Limits: features of any size (the kernels index in 64 bits where offsets inside one image
+    pass 2**31 elements; the backward's gradient is one buffer of the features' size); RoIs
+    up to what the GPU's grid takes (programs under 2**31, ValueError beyond: over 40 million
+    RoIs at 7x7 bins and 256 channels); the reference gathers in chunks of ``REF_GATHER_BUDGET``
+    values, so its extra memory is bounded at any size.
     """
     _check_features("input", [input])
     _check_scalars(spatial_scale, sampling_ratio, aligned)

@@ -143,7 +143,7 @@ def _load_rois(rois_ptr, k, col_ok, canonical_scale, canonical_level, k_min, k_m
 
     The level is torchvision's LevelMapper in the RoIs' dtype (fp32 or fp64), operation for
     operation: floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to
-    [k_min, k_max].
+    [k_min, k_max]; -1 (no level: the RoI pools zeros, as torchvision's) for a negative area.
     """
     row = rois_ptr + k.to(tl.int64) * 5
     b = tl.load(row, mask=col_ok, other=0.0).to(tl.int32)
@@ -157,8 +157,8 @@ def _load_rois(rois_ptr, k, col_ok, canonical_scale, canonical_level, k_min, k_m
         size = sqrt_rn((x2 - x1) * (y2 - y1))
         target = tl.floor(canonical_level + tl.log2(div_rn(size, canonical_scale))
                           + tl.full([], 1e-6, size.dtype))  # eps in the RoIs' dtype, as torchvision
-        target = tl.minimum(tl.maximum(target, k_min.to(size.dtype)), k_max.to(size.dtype))
-        lvl = target.to(tl.int32) - k_min
+        clamped = tl.minimum(tl.maximum(target, k_min.to(size.dtype)), k_max.to(size.dtype))
+        lvl = tl.where(target == target, clamped.to(tl.int32) - k_min, -1)  # NaN: no level
     return b, x1, y1, x2, y2, lvl
 
 

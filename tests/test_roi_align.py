@@ -293,3 +293,35 @@ def test_multiscale_maps_that_are_not_adjacent_levels(backend):
     got.backward(grad)
     for k in feats:
         assert_close_verbose(leaves[k].grad, tv_leaves[k].grad, *TOL[torch.float32], what=f"{backend} grad {k}")
+
+
+@pytest.mark.parametrize("backend", MULTISCALE_BACKENDS)
+def test_multiscale_box_with_one_inverted_axis_pools_zeros(backend):
+    """A box of negative area (x2 < x1 only) has a NaN size, which torchvision's level mapper
+    sends to no level: it pools zeros, beside a normal box, forward and backward."""
+    g = torch.Generator().manual_seed(6)
+    feats = {"a": torch.randn(1, 2, 16, 16, generator=g), "b": torch.randn(1, 2, 8, 8, generator=g)}
+    boxes = [torch.tensor([[10.0, 5.0, 4.0, 30.0], [1.0, 1.0, 20.0, 20.0]])]
+    want = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)(feats, boxes, [(64, 64)])
+    leaves = {k: v.clone().requires_grad_() for k, v in feats.items()}
+    got = MultiScaleRoIAlign(["a", "b"], 2, 2, backend=backend)(leaves, boxes, [(64, 64)])
+    assert (got[0] == 0).all() and (got[1] != 0).any()
+    assert_close_verbose(got.detach(), want, *TOL[torch.float32], what=backend)
+    got[0].sum().backward()
+    assert all((leaf.grad == 0).all() for leaf in leaves.values())
+
+
+@pytest.mark.parametrize("backend", MULTISCALE_BACKENDS)
+@pytest.mark.parametrize("box_dtype, box", [
+    (torch.float64, [1.0, 1.0, 224.99984073664, 224.99984073664]),  # level 1 in fp64, level 2 in fp32
+    (torch.float16, [1.0, 1.0, 301.0, 301.0]),  # area inf in fp16
+])
+def test_multiscale_levels_mapped_in_the_compute_dtype(backend, box_dtype, box):
+    """Boxes of another dtype than the features are mapped to levels in the features' compute
+    dtype (fp32 here) on both backends, as the fp32 boxes would be."""
+    g = torch.Generator().manual_seed(7)
+    feats = [torch.randn(1, 2, 64 // s, 64 // s, generator=g) for s in (1, 2, 4, 8)]
+    got = multiscale_roi_align(feats, [torch.tensor([box], dtype=box_dtype)], 1, [(256, 256)], 2, backend=backend)
+    same = multiscale_roi_align(feats, [torch.tensor([box], dtype=box_dtype).float()], 1, [(256, 256)], 2,
+                                backend=backend)
+    assert torch.equal(got, same)

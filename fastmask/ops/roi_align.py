@@ -65,12 +65,15 @@ def map_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 2
                canonical_level: int = 4, eps: float = LEVEL_EPS) -> Tensor:
     """FPN level index (0-based from ``k_min``) of each box, eq. (1) of the FPN paper.
 
-    ``boxes``: Tensor[K, 4]. Returns int64 Tensor[K] in ``[0, k_max - k_min]``.
+    ``boxes``: Tensor[K, 4]. Returns int64 Tensor[K] in ``[0, k_max - k_min]``, or -1 for a
+    box of negative area (one axis inverted: its size is NaN), which torchvision's level
+    mapper sends to no level, so that it pools zeros.
     """
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     s = torch.sqrt(area)
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
-    return (torch.clamp(lvl, min=k_min, max=k_max).to(torch.int64) - k_min)
+    lvl = torch.clamp(lvl, min=k_min, max=k_max) - k_min
+    return torch.where(lvl.isnan(), -1, lvl.nan_to_num()).to(torch.int64)
 
 
 def level_range(scales: Sequence[float]) -> tuple[int, int]:
@@ -210,22 +213,22 @@ def _level_sizes(shapes: Sequence[Sequence[int]], device: torch.device):
     return heights, widths, offsets
 
 
-def _roi_levels(rois: Tensor, scales: Sequence[float], canonical_scale: float,
-                canonical_level: int) -> tuple[Tensor, Tensor | None]:
-    """Each RoI's map index (0 with one level, else :func:`map_levels`), clamped to the maps
-    given, and which RoIs pool nothing (None when all pool).
+def _roi_levels(rois: Tensor, scales: Sequence[float], canonical_scale: float, canonical_level: int,
+                cdt: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Each RoI's map index (0 with one level, else :func:`map_levels` of the boxes in the
+    compute dtype ``cdt``, as the kernels map them), clamped to the maps given, and which RoIs
+    pool nothing (None when all pool).
 
     torchvision pools level index i from the i-th map given, whatever that map's stride: maps
     that are not adjacent pyramid levels (strides 8 and 32) leave indices past the last map,
-    whose RoIs pool zeros (the Triton kernels do the same).
+    whose RoIs pool zeros, as do boxes of negative area (the Triton kernels do the same).
     """
     if len(scales) == 1:
         return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device), None
     k_min, k_max = level_range(scales)
-    levels = map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
-    if k_max - k_min < len(scales):
-        return levels, None
-    return levels.clamp(max=len(scales) - 1), levels >= len(scales)
+    levels = map_levels(rois[:, 1:].to(cdt), k_min, k_max, canonical_scale, canonical_level)
+    unpooled = (levels < 0) | (levels >= len(scales))
+    return levels.clamp(min=0, max=len(scales) - 1), unpooled
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -262,7 +265,7 @@ def _levels_ref(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int
     """The reference over one level (every RoI on it) or several (each RoI on its mapped level)."""
     cdt = _compute_dtype(features[0].dtype)
     table, heights, widths, offsets = _level_table(features, cdt)
-    levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level)
+    levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level, cdt)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=features[0].device)
     out = _roi_align_flat(table, heights, widths, offsets, scale_t, rois, levels, output_size, sampling_ratio, aligned)
     if unpooled is not None:
@@ -282,7 +285,7 @@ def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence
     cdt = _compute_dtype(dtype)
     n, c = shapes[0][:2]
     heights, widths, offsets = _level_sizes(shapes, grad.device)
-    levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level)
+    levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level, cdt)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=grad.device)
     total = sum(int(s[2]) * int(s[3]) for s in shapes)
     grad = grad.to(cdt)

@@ -217,29 +217,7 @@ def box_dtypes():
     return st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
 
 
-# --------------------------------------------------------------------------- RoI Align: fp64 guard
-
-
-def _triton_roi_align_fp64_refusal() -> str | None:
-    """The Triton RoI Align's refusal of float64 features, or None once it accepts them (any other
-    error is left to the tests, which then fail with it)."""
-    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64, device=DEVICE)
-    try:
-        roi_align(x, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]], dtype=torch.float64, device=DEVICE), 1,
-                  backend="triton")
-    except RuntimeError as e:
-        if "is not supported by this kernel" in str(e):
-            return str(e)
-    except Exception:  # noqa: BLE001 - not a refusal: the tests run and report it
-        pass
-    return None
-
-
-ROI_FP64_REFUSAL = _triton_roi_align_fp64_refusal() if TRITON_DEVICES else None
-ROI_DTYPES = [torch.float32, torch.float16, torch.bfloat16,
-              pytest.param(torch.float64, marks=pytest.mark.skipif(
-                  ROI_FP64_REFUSAL is not None,
-                  reason=f"the installed Triton RoI Align refuses float64 ({ROI_FP64_REFUSAL})"))]
+ROI_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 # --------------------------------------------------------------------------- RoI Align (one level)

@@ -13,8 +13,10 @@ Pixel model (torchvision's ``paste_masks_in_image``), for a mask of ``MH`` x ``M
    (clamped at 0) between ``floor(src)`` and the next row (the last row repeats); columns alike.
 3. Image pixel ``(y, x)`` takes the resized value at ``(y - by1, x - bx1)`` when
    ``by1 <= y <= by2`` and ``bx1 <= x <= bx2``, and 0 elsewhere: the window is the box
-   clipped to the image. A box wholly outside the image, or with ``x2 < x1``, pastes nothing
-   (torchvision raises on boxes wholly outside the image).
+   clipped to the image. A box whose expanded integer box is wholly outside the image, or
+   has ``bx2 < bx1``, pastes nothing (torchvision raises on boxes wholly outside the image).
+   The expanded box is truncated towards zero, so an inverted float box may still paste a
+   column: ``(0, 0, -0.5, 3)`` expands to ``bx1 = bx2 = 0`` (as in torchvision).
 
 Bilinear resizing is separable, so the reference computes every mask at once as
 ``out[n] = Ry[n] @ mask[n] @ Cx[n]^T``, with ``Ry[n]``: [H, M] and ``Cx[n]``: [W, M] holding two

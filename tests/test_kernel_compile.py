@@ -351,7 +351,7 @@ def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["results"]
-    if os.environ.get("FASTMASK_COMPILE_REPORT"):  # registers and stack per variant, for NOTES.md tables
+    if os.environ.get("FASTMASK_COMPILE_REPORT"):  # registers and stack per variant, for benchmarks/NOTES.md tables
         Path(os.environ["FASTMASK_COMPILE_REPORT"]).write_text(json.dumps(report, indent=1))
     assert len(results) == len(recorded)
     errors = [r["error"] for r in results if "error" in r]

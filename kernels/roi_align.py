@@ -104,7 +104,7 @@ def _level_size(desc_ptr, lvl, cdt: tl.constexpr, NUM_LEVELS: tl.constexpr):
     row = desc_ptr + tl.where((lvl >= 0) & (lvl < NUM_LEVELS), lvl, 0) * 9  # DESC_FIELDS
     if cdt == tl.float64:  # DESC_SCALE: fp64 bits
         scale = tl.load(row + 6).to(tl.float64, bitcast=True)
-    else:  # fp32 bits: 32-bit work only (a 64-bit load and conversion cost up to 29 registers)
+    else:  # fp32 bits: 32-bit work only (a 64-bit load and conversion cost up to 8 registers)
         scale = tl.load(row + 6).to(tl.int32).to(tl.float32, bitcast=True)
     height = tl.load(row + 0).to(tl.int32)  # DESC_HEIGHT
     width = tl.load(row + 1).to(tl.int32)  # DESC_WIDTH
@@ -338,9 +338,9 @@ def _roi_align_bwd_kernel(
 ):
     """RoI Align backward over all levels in one launch, by atomic adds in the RoIs' dtype.
 
-    grad_ptr: flat buffer in the RoIs' dtype (fp32 or fp64), zero-filled; level l's gradient Tensor[N, C, height_l, width_l]
-        starts at the element its descriptor row's offset says, with its strides (times
-        STRIDE_ALIGN).
+    grad_ptr: flat buffer in the RoIs' dtype (fp32 or fp64), zero-filled; level l's gradient
+        Tensor[N, C, height_l, width_l] starts at the element its descriptor row's offset
+        says, with its strides (times STRIDE_ALIGN).
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
     rois_ptr: Tensor[K, 5], contiguous rows, fp32 or fp64 (the compute dtype).
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
@@ -723,9 +723,9 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
                   block_c: int | None = None) -> torch.Tensor:
     """RoI Align over ``features`` (one Tensor[N, C, H_l, W_l] per level, finest first).
 
-    ``rois``: Tensor[K, 5], contiguous, fp32 (fp64 for fp64 features: the compute dtype). With one level every RoI is pooled from it; with
-    several, each RoI's level is computed in the kernel (canonical_scale/level, clamped to
-    [k_min, k_max]). Returns Tensor[K, C, PH, PW] in the features' dtype, channels-last when the
+    ``rois``: Tensor[K, 5], contiguous, fp32 (fp64 for fp64 features: the compute dtype).
+    With one level every RoI is pooled from it; with several, each RoI's level is computed in
+    the kernel (canonical_scale/level, clamped to [k_min, k_max]). Returns Tensor[K, C, PH, PW] in the features' dtype, channels-last when the
     features are. ``out``: a preallocated output (any strides), e.g. NaN-filled by tests.
     ``block_r``/``block_p``/``block_c``: override the block shape (tests run the GPU's shape
     through the interpreter with them).

@@ -18,6 +18,12 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute inputs of ``dtype`` in, on both backends: fp64 for fp64,
+    fp32 for the others (fp16/bf16 are widened, as torchvision's kernels do)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_tensor(name: str, value, *, ndim: int | None = None, last_dim: int | None = None,
                  dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):

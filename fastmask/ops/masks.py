@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, pair
+from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, compute_dtype, pair
 from ._library import register
 
 # Output pixels the reference computes at once (chunks of masks are processed in turn):
@@ -92,10 +92,6 @@ def box_windows(int_boxes: Tensor, image_size: tuple[int, int] | None) -> Tensor
     return torch.cat([lo, hi], dim=1)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _interp_matrix(box_lo: Tensor, box_hi: Tensor, origin: Tensor, length: int, win_lo: Tensor, win_hi: Tensor,
                    mask_len: int, padding: int, cdt: torch.dtype) -> Tensor:
     """Bilinear weights along one axis: Tensor[N, length, mask_len].
@@ -136,7 +132,7 @@ def _paste_windows_ref(masks: Tensor, int_boxes: Tensor, windows: Tensor, origin
     """
     n, mh, mw = masks.shape
     out_h, out_w = out_size
-    cdt = _compute_dtype(masks.dtype)
+    cdt = compute_dtype(masks.dtype)
     out_dtype = torch.bool if threshold is not None else masks.dtype
     out = torch.empty((n, out_h, out_w), dtype=out_dtype, device=masks.device)
     chunk = max(1, REF_CHUNK_PIXELS // max(1, out_h * out_w))

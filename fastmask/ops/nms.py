@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
-from ._checks import check_finite, check_same_device, check_tensor, data_checks_enabled
+from ._checks import check_finite, check_same_device, check_tensor, compute_dtype, data_checks_enabled
 from ._library import register
 
 # Sorted boxes the reference resolves together. Larger tiles mean fewer Python steps but
@@ -105,11 +105,6 @@ def _check_inputs(boxes, scores, iou_threshold, idxs=None, valid=None, *, batche
     if data_checks_enabled(boxes):
         check_finite("boxes", boxes if valid is None else boxes[valid])
     return _check_threshold(iou_threshold)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype IoU is computed in: fp64 for fp64 boxes, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- reference

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import check_backend_name, resolve_backend
-from ._checks import FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, data_checks_enabled, pair
+from ._checks import (FLOAT_DTYPES, check_boxes, check_same_device, check_tensor, compute_dtype, data_checks_enabled,
+                      pair)
 from ._library import register
 
 # Values the reference gathers at once (chunks of RoIs are processed in turn): 2**25 fp32
@@ -198,10 +199,10 @@ def _roi_align_flat_backward(grad: Tensor, table_shape: tuple[int, int, int], he
     return out
 
 
-def _level_table(features: Sequence[Tensor], compute_dtype: torch.dtype):
+def _level_table(features: Sequence[Tensor], cdt: torch.dtype):
     """Flatten feature maps [N, C, H, W] into one [N, sum(H*W), C] table and its level tables."""
     n, c = features[0].shape[:2]
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(n, -1, c) for f in features], dim=1).to(compute_dtype)
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(n, -1, c) for f in features], dim=1).to(cdt)
     return (table, *_level_sizes([f.shape for f in features], features[0].device))
 
 
@@ -229,10 +230,6 @@ def _roi_levels(rois: Tensor, scales: Sequence[float], canonical_scale: float, c
     levels = map_levels(rois[:, 1:].to(cdt), k_min, k_max, canonical_scale, canonical_level)
     unpooled = (levels < 0) | (levels >= len(scales))
     return levels.clamp(min=0, max=len(scales) - 1), unpooled
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- reference
@@ -263,7 +260,7 @@ def multiscale_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_si
 def _levels_ref(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int, int], scales: Sequence[float],
                 sampling_ratio: int, aligned: bool, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
     """The reference over one level (every RoI on it) or several (each RoI on its mapped level)."""
-    cdt = _compute_dtype(features[0].dtype)
+    cdt = compute_dtype(features[0].dtype)
     table, heights, widths, offsets = _level_table(features, cdt)
     levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level, cdt)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=features[0].device)
@@ -282,7 +279,7 @@ def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence
     (default: ``grad``'s), computed in fp32 (fp64 for fp64) and contiguous.
     """
     dtype = dtype or grad.dtype
-    cdt = _compute_dtype(dtype)
+    cdt = compute_dtype(dtype)
     n, c = shapes[0][:2]
     heights, widths, offsets = _level_sizes(shapes, grad.device)
     levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level, cdt)
@@ -326,7 +323,7 @@ def _kernel_rows(rois: Tensor, dtype: torch.dtype) -> Tensor:
     """``rois`` as the kernels read them: contiguous, in the compute dtype of features of
     ``dtype`` (fp32; fp64 for fp64), which the kernels compute and accumulate in (no op when
     they already are)."""
-    cdt = _compute_dtype(dtype)
+    cdt = compute_dtype(dtype)
     return rois if rois.dtype == cdt and rois.is_contiguous() else rois.to(cdt).contiguous()
 
 

@@ -100,6 +100,13 @@ INTERPRETER_ROWS = {"mask": 512, "cross": 512, "reduce": 64}
 UNROLL_MAX_W = 128
 REDUCE_TILE = {True: 4096, False: 8192}
 REDUCE_WARPS = {True: 4, False: 8}
+# The reduce kernel's W (words of its "removed" vector, a constexpr) is the smallest of these
+# that holds a chunk's words, not the chunk's own power of two: 3 compiled variants per flag
+# set for every size up to SINGLE_CHUNK_MAX instead of 10 (W = 1 ... 512). Words past the
+# chunk are never loaded (the push masks them by each row's run end), so a wider W costs
+# register work, not memory traffic: up to 1024 boxes at W = 16, up to 8192 (and every chunk
+# of MAX_CHUNK) at W = 128, the measured unrolled optimum, and W = 512 above.
+W_BUCKETS = (16, 128, 512)
 # Boxes per program of the key and gather kernels, and positions probed per step of the
 # run-boundary search (ceil(log_64(T)) dependent loads: 3 up to 262144 boxes).
 KEY_BLOCK = {"gpu": 1024, "interpreter": 8192}
@@ -643,11 +650,18 @@ def _mask_shape(t: int, chunk: int) -> tuple[int, int]:
 
 
 def _chunk_size(t: int, f64: bool, max_chunk: int | None) -> int:
-    """Positions per chunk: a power of two >= 64 (few compiled variants of W)."""
+    """Positions per chunk: a power of two >= 64, at most SINGLE_CHUNK_MAX."""
     whole = triton.next_power_of_2(max(t, WORD_BITS))
     if max_chunk is not None:
+        if max_chunk > SINGLE_CHUNK_MAX:
+            raise ValueError(f"max_chunk {max_chunk}: at most {SINGLE_CHUNK_MAX} (the widest W_BUCKETS)")
         return min(whole, max_chunk)
     return whole if t <= (SINGLE_CHUNK_MAX_F64 if f64 else SINGLE_CHUNK_MAX) else MAX_CHUNK
+
+
+def _width(chunk: int) -> int:
+    """The reduce kernel's W for chunks of ``chunk`` positions: a bucket of W_BUCKETS."""
+    return next(w for w in W_BUCKETS if w * WORD_BITS >= chunk)
 
 
 def _alloc(shape, dtype, device, poison, poison_value):
@@ -686,7 +700,7 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
     f64 = boxes.dtype == torch.float64
     keyed = key is not None
     chunk = _chunk_size(t, f64, max_chunk)
-    w = chunk // WORD_BITS
+    w = _width(chunk)
     rows, ws = _mask_shape(t, chunk)
     # Scratch poisoned with all bits set: reading an unwritten word would remove boxes.
     mask = _alloc((rows, ws), torch.int64, dev, poison, -1)

@@ -524,6 +524,30 @@ def test_launch_count_at_full_sizes(monkeypatch):
         assert names.count("aten._local_scalar_dense") == 1 and "aten.nonzero" not in names
 
 
+@pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="records launches through Triton's interpreter")
+def test_reduce_widths_are_bucketed(monkeypatch):
+    """The reduce kernel's W (a constexpr: one compiled variant each) is the smallest of
+    W_BUCKETS that holds a chunk: 3 variants per flag set from 1 box to past one chunk,
+    instead of one per power of two (kernels recorded, not run)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastmask.kernels.nms import W_BUCKETS
+
+    widths = {}
+
+    def run(self, *args, **kwargs):
+        if self.fn.__name__ == "_nms_reduce_kernel":
+            widths.setdefault(n, set()).add(kwargs["W"])
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    g = torch.Generator().manual_seed(12)
+    expected = {5: 16, 1024: 16, 1025: 128, 8192: 128, 8193: 512, 32768: 512, 40000: 128}
+    for n in expected:
+        keep_mask_triton(random_boxes(n, 800.0, generator=g)[None], torch.rand(1, n, generator=g), 0.5, None, None)
+    assert widths == {n: {w} for n, w in expected.items()}, widths
+    assert set(expected.values()) == set(W_BUCKETS)
+
+
 # --------------------------------------------------------------------------- errors
 
 

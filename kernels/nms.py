@@ -32,7 +32,9 @@ once, since the cross-chunk kernel reads every earlier row of a run for each 64 
 
 1. ``_nms_cross_kernel`` (chunks after the first): for every box of the chunk, whether a
    box already kept in an earlier chunk of its run suppresses it. Those decisions are
-   final, so this is one parallel OR over rows, written as one word per 64 columns.
+   final, so this is one parallel OR over rows: one program per (64 columns, CROSS_SPAN
+   earlier rows), each ORing its word into the chunk's "removed" words with an atomic (an
+   OR of bits is the same in any order, so the result is deterministic).
 2. ``_nms_mask_kernel``: the suppression bits of every pair (row i < column j) of the
    chunk in the same run, packed into 64-bit words; tiles whose rows and columns share no
    run are skipped (with 80 classes nearly all of them).
@@ -43,7 +45,8 @@ once, since the cross-chunk kernel reads every earlier row of a run for each 64 
 
 Launches per call at up to SINGLE_CHUNK_MAX boxes: the key kernel, the sort, the mask and
 the reduce kernel (one more sort for fp64 scores); presorted: mask and reduce only. Above:
-one gather, and a cross-chunk, mask and reduce launch per further chunk of MAX_CHUNK.
+one gather (keyed), one zero fill of the cross-chunk words, and a cross-chunk, mask and
+reduce launch per further chunk of MAX_CHUNK.
 
 IoU is computed as torchvision's CPU kernel computes it, in fp32 (fp64 for fp64 boxes,
 fp16/bf16 upcast on load), with fused multiply-add turned off at launch. The test
@@ -110,6 +113,11 @@ W_BUCKETS = (16, 128, 512)
 # Boxes per program of the key and gather kernels, and positions probed per step of the
 # run-boundary search (ceil(log_64(T)) dependent loads: 3 up to 262144 boxes).
 KEY_BLOCK = {"gpu": 1024, "interpreter": 8192}
+# Earlier rows per cross-chunk program (at most one chunk): on the GPU 16 tiles of 64 rows, so
+# the last chunk at 40k boxes has 128 x 32 programs and at 100k 128 x 90 (a 132-SM GPU full
+# several times over), where one program per 64 columns gave 128 programs looping over up to
+# 92k rows each. Under the interpreter, programs cost a fixed overhead each: spans are long.
+CROSS_SPAN = {"gpu": 1024, "interpreter": 8192}
 GATHER_BLOCK = {"gpu": 512, "interpreter": 8192}
 PROBES = 64
 
@@ -409,59 +417,72 @@ def _nms_mask_kernel(boxes_ptr, key_ptr, src_ptr, cls_ptr, mask_ptr, thr_bits, c
             tl.store(mask_ptr + (rows - c0) * ws + w, words, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["c0", "chunk_len", "thr_bits"])
-def _nms_cross_kernel(boxes_ptr, key_ptr, cls_ptr, keep_ptr, removed_ptr, thr_bits, c0, chunk_len, n,
+@triton.jit(do_not_specialize=["c0", "chunk_len", "span", "thr_bits"])
+def _nms_cross_kernel(boxes_ptr, key_ptr, cls_ptr, keep_ptr, removed_ptr, thr_bits, c0, chunk_len, span, n,
                       s_bb, s_bn, s_bc, s_cb, s_cn,
                       KEYED: tl.constexpr, EXACT: tl.constexpr, F64: tl.constexpr, ROWS: tl.constexpr,
                       PROBES: tl.constexpr):
-    """Whether boxes kept in earlier chunks suppress 64 columns of this chunk.
+    """Whether boxes kept in rows ``[span * rb, span * (rb + 1))`` of earlier chunks suppress 64
+    columns of this chunk.
 
     boxes_ptr, key_ptr, cls_ptr: as in ``_nms_mask_kernel``, in sorted order (the sorted copy,
-        or presorted input): each row is one contiguous read, not a chain of dependent
-        gathers, since this kernel loops over every earlier row of a run.
+        or presorted input): each row is one contiguous read, not a chain of dependent gathers.
     keep_ptr: uint8 Tensor[T], keep flags in sorted order (final for positions < c0).
-    removed_ptr: int64 Tensor[W] out; bit b of word q: box ``c0 + 64 * q + b`` is suppressed.
+    removed_ptr: int64 Tensor[W], zeroed before the launch; bit b of word q is ORed in
+        (atomically) when box ``c0 + 64 * q + b`` is suppressed by a row of this span.
     """
     CDT: tl.constexpr = tl.float64 if F64 else tl.float32
     q = tl.program_id(0)
-    offs = tl.arange(0, WORD)
-    cols = c0 + q * WORD + offs
-    col_ok = cols < c0 + chunk_len
-    ci, cj = _input_index(boxes_ptr, cols, col_ok, n, False)
-    cx1, cy1, cx2, cy2, c_area = _load_boxes(boxes_ptr, ci, cj, col_ok, s_bb, s_bn, s_bc, CDT)
-    ca, cb = _run_ids(key_ptr, cls_ptr, cols, col_ok, n, s_cb, s_cn, KEYED)
-    if EXACT:
-        c_cls = _load_class(cls_ptr, ci, cj, col_ok, s_cb, s_cn)
-    thr = _threshold(thr_bits)
-    hit = tl.zeros([WORD], dtype=tl.int32)
-    # Only rows from the first column's run start can share a run with the columns: found by
-    # searching the sorted runs (a few dependent loads) instead of reading a seg_begin table.
-    # The rows' keep flags are final, so this is an OR over rows with no sequential part,
-    # and no earlier-chunk bits are ever stored.
-    # (while loops rather than range() over loaded bounds: Triton 3.6's interpreter cannot
-    # take a loaded value as a range bound.)
+    lo = tl.program_id(1) * span
+    hi = tl.minimum(lo + span, c0)
+    # Only rows of the first column's run can share a run with the columns (runs are
+    # contiguous and the rows come first), and the span holds some exactly when its last
+    # row is of that run: one load decides, and spans of other runs exit here (with 80
+    # classes nearly all of them).
     col0 = c0 + q * WORD
     xa, xb = _run_ids(key_ptr, cls_ptr, col0, col0 >= 0, n, s_cb, s_cn, KEYED)
-    r0 = _search(key_ptr, cls_ptr, xa, xb, col0 * 0, c0 + 0 * col0, n, s_cb, s_cn, True, KEYED, PROBES)
-    while r0 < c0:
-        rows = r0 + tl.arange(0, ROWS)
-        in_range = rows < c0
-        ri, rj = _input_index(boxes_ptr, rows, in_range, n, False)
-        kept = tl.load(keep_ptr + rows, mask=in_range, other=0) != 0
-        rx1, ry1, rx2, ry2, r_area = _load_boxes(boxes_ptr, ri, rj, kept, s_bb, s_bn, s_bc, CDT)
-        ra, rb = _run_ids(key_ptr, cls_ptr, rows, kept, n, s_cb, s_cn, KEYED)
-        same = _same_run(ra[:, None], rb[:, None], ca[None, :], cb[None, :], KEYED)
+    la, lb = _run_ids(key_ptr, cls_ptr, hi - 1, hi > 0, n, s_cb, s_cn, KEYED)
+    share = _same_run(la, lb, xa, xb, KEYED)
+    if KEYED:
+        share = share & (xa != INVALID_RUN)
+    if share:
+        offs = tl.arange(0, WORD)
+        cols = col0 + offs
+        col_ok = cols < c0 + chunk_len
+        ci, cj = _input_index(boxes_ptr, cols, col_ok, n, False)
+        cx1, cy1, cx2, cy2, c_area = _load_boxes(boxes_ptr, ci, cj, col_ok, s_bb, s_bn, s_bc, CDT)
+        ca, cb = _run_ids(key_ptr, cls_ptr, cols, col_ok, n, s_cb, s_cn, KEYED)
         if EXACT:
-            r_cls = _load_class(cls_ptr, ri, rj, kept, s_cb, s_cn)
-            same = same & (r_cls[:, None] == c_cls[None, :])
-        sup = _suppresses(rx1[:, None], ry1[:, None], rx2[:, None], ry2[:, None], r_area[:, None],
-                          cx1[None, :], cy1[None, :], cx2[None, :], cy2[None, :], c_area[None, :],
-                          thr, F64)
-        sup = sup & kept[:, None] & same
-        hit = tl.maximum(hit, tl.max(sup.to(tl.int32), axis=0))
-        r0 += ROWS
-    bit = tl.full([WORD], 1, tl.int64) << offs.to(tl.int64)
-    tl.store(removed_ptr + q, tl.sum(tl.where(hit != 0, bit, 0), axis=0))
+            c_cls = _load_class(cls_ptr, ci, cj, col_ok, s_cb, s_cn)
+        thr = _threshold(thr_bits)
+        hit = tl.zeros([WORD], dtype=tl.int32)
+        # The run's first row in the span: a search of the sorted runs (a few dependent
+        # loads). The rows' keep flags are final, so this is an OR over rows with no
+        # sequential part, and no earlier-chunk bits are ever stored.
+        # (while loops rather than range() over loaded bounds: Triton 3.6's interpreter cannot
+        # take a loaded value as a range bound.)
+        r0 = _search(key_ptr, cls_ptr, xa, xb, lo + 0 * col0, hi, n, s_cb, s_cn, True, KEYED, PROBES)
+        while r0 < hi:
+            rows = r0 + tl.arange(0, ROWS)
+            in_range = rows < hi
+            ri, rj = _input_index(boxes_ptr, rows, in_range, n, False)
+            kept = tl.load(keep_ptr + rows, mask=in_range, other=0) != 0
+            rx1, ry1, rx2, ry2, r_area = _load_boxes(boxes_ptr, ri, rj, kept, s_bb, s_bn, s_bc, CDT)
+            ra, rb = _run_ids(key_ptr, cls_ptr, rows, kept, n, s_cb, s_cn, KEYED)
+            same = _same_run(ra[:, None], rb[:, None], ca[None, :], cb[None, :], KEYED)
+            if EXACT:
+                r_cls = _load_class(cls_ptr, ri, rj, kept, s_cb, s_cn)
+                same = same & (r_cls[:, None] == c_cls[None, :])
+            sup = _suppresses(rx1[:, None], ry1[:, None], rx2[:, None], ry2[:, None], r_area[:, None],
+                              cx1[None, :], cy1[None, :], cx2[None, :], cy2[None, :], c_area[None, :],
+                              thr, F64)
+            sup = sup & kept[:, None] & same
+            hit = tl.maximum(hit, tl.max(sup.to(tl.int32), axis=0))
+            r0 += ROWS
+        bit = tl.full([WORD], 1, tl.int64) << offs.to(tl.int64)
+        word = tl.sum(tl.where(hit != 0, bit, 0), axis=0)
+        if word != 0:
+            tl.atomic_or(removed_ptr + q, word)
 
 
 @triton.jit(do_not_specialize=["c0", "chunk_len"])
@@ -704,7 +725,10 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
     rows, ws = _mask_shape(t, chunk)
     # Scratch poisoned with all bits set: reading an unwritten word would remove boxes.
     mask = _alloc((rows, ws), torch.int64, dev, poison, -1)
-    removed = _alloc((w,), torch.int64, dev, poison, -1) if t > chunk else mask
+    # The cross-chunk programs OR into one row of W words per further chunk: zeroed once
+    # (one fill launch for the whole call, not one per chunk).
+    chunks = triton.cdiv(t, chunk)
+    removed = torch.zeros((chunks - 1, w), dtype=torch.int64, device=dev) if chunks > 1 else mask
     placeholder = keep  # any tensor, for the pointers a variant does not read
     thr_bits = threshold_bits(iou_threshold, f64)
     on_gpu = gpu_launch(dev)
@@ -743,14 +767,16 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
                 cls_ptr=pair_cls if pair_cls is not None else placeholder, thr_bits=thr_bits, n=pair_n,
                 s_bb=pair_strides[0], s_bn=pair_strides[1], s_bc=pair_strides[2], s_cb=pair_cls_strides[0],
                 s_cn=pair_cls_strides[1], KEYED=keyed, EXACT=exact, F64=f64)
+    span = min(chunk, CROSS_SPAN["gpu" if on_gpu else "interpreter"])
     for c0 in range(0, t, chunk):
         nc = min(chunk, t - c0)
         nw = triton.cdiv(nc, WORD_BITS)
+        chunk_removed = removed[c0 // chunk - 1] if c0 > 0 else removed
         if c0 > 0:
-            # One program per 64 columns of the chunk.
-            _nms_cross_kernel[(nw,)](
-                **pair, keep_ptr=sorted_keep, removed_ptr=removed, c0=c0, chunk_len=nc, ROWS=rows["cross"],
-                PROBES=PROBES, num_warps=8, enable_fp_fusion=False)
+            # One program per (64 columns of the chunk, span of earlier rows).
+            _nms_cross_kernel[(nw, triton.cdiv(c0, span))](
+                **pair, keep_ptr=sorted_keep, removed_ptr=chunk_removed, c0=c0, chunk_len=nc, span=span,
+                ROWS=rows["cross"], PROBES=PROBES, num_warps=8, enable_fp_fusion=False)
         # One program per (column word, block of ROWS rows) of the chunk; tiles wholly
         # below the diagonal exit at once.
         _nms_mask_kernel[(nw, triton.cdiv(nc, rows["mask"]))](
@@ -758,7 +784,7 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
             SRC=read_src, ROWS=rows["mask"], num_warps=8, enable_fp_fusion=False)
         # One program per 64-box block; only blocks where a run starts (and block 0) work.
         _nms_reduce_kernel[(nw,)](
-            mask_ptr=mask, removed_ptr=removed, key_ptr=key if keyed else placeholder,
+            mask_ptr=mask, removed_ptr=chunk_removed, key_ptr=key if keyed else placeholder,
             src_ptr=src if keyed else placeholder, cls_ptr=cls if cls is not None else placeholder,
             valid_ptr=valid if valid is not None else placeholder, keep_ptr=keep, sorted_keep_ptr=sorted_keep,
             rank_ptr=rank if rank is not None else placeholder, count_ptr=count if count is not None else placeholder,

@@ -260,6 +260,20 @@ def test_triton_chunks_write_everything(device, chunk):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_cross_chunk_spans(device):
+    """Long runs over many small chunks: every chunk's cross-chunk pass has one program per
+    (64 columns, earlier chunk), whose words are ORed together atomically; one class (every
+    span works), a few classes and 80 (most spans exit at once), against torchvision."""
+    n = 700
+    boxes, scores = box_set("clustered", n, 13), scores_for(n, 13, ties=True)
+    for classes in (1, 3, 80):
+        idxs = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(classes))
+        got = kept_indices_triton(boxes.to(device), scores.to(device), 0.5, idxs.to(device), max_chunk=64,
+                                  poison=True)
+        assert_same_keep(got, tv_batched(boxes, scores, idxs, 0.5), scores, f"{classes} classes")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_tree_or_path(device):
     """The GPU's OR reduction (``tl.reduce``) on a small case; the interpreter defaults to the
     bit-wise path because its ``tl.reduce`` runs element by element. Both ways of the reduce
@@ -506,17 +520,18 @@ def test_keep_mask_launch_count(monkeypatch):
 def test_launch_count_at_full_sizes(monkeypatch):
     """The host glue at 20k and 40k boxes, with the kernels recorded but not run: 20k boxes
     are one chunk (4 launches, 5 for kept indices: one more sort, plus the count read at the
-    end); 40k boxes take chunks of 8192, 3 launches each after the first, and one gather of
-    the sorted boxes for the cross-chunk pass."""
+    end); 40k boxes take chunks of 8192, 3 launches each after the first, one gather of the
+    sorted boxes and one zero fill of the words the cross-chunk programs OR into."""
     g = torch.Generator().manual_seed(9)
     for n, chunks in ((20_000, 1), (40_000, 5)):
         boxes, scores = random_boxes(n, 800.0, generator=g), torch.rand(n, generator=g)
         idxs = torch.randint(0, 80, (n,), generator=g)
         launches, names, _ = _launches(
             monkeypatch, lambda: keep_mask_triton(boxes[None], scores[None], 0.7, idxs[None], None), run_kernels=False)
-        several = 3 * (chunks - 1) + (chunks > 1)
+        several = 3 * (chunks - 1) + 2 * (chunks > 1)
         assert len(launches) == 2 + 2 + several, launches
         assert launches.count("_nms_cross_kernel") == chunks - 1
+        assert launches.count("aten.zeros.default") == (chunks > 1)
         assert not {"aten._local_scalar_dense", "aten.nonzero"} & set(names)
         launches, names, _ = _launches(monkeypatch, lambda: kept_indices_triton(boxes, scores, 0.7, idxs),
                                        run_kernels=False)

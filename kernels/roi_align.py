@@ -444,34 +444,93 @@ def _axis_weights(cells, bin_start, bin_size, grid, grid_f, n_samples, size, col
 
 
 @triton.jit
-def _tile_rois(rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level, k_min, k_max,
-               PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-               NUM_LEVELS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """Sampling grids of RoIs ``k`` (see ``_roi_grid``), and whether each RoI (k < K) is pooled
-    from level ``lvl`` of image ``n`` and its samples can touch the TILE_H x TILE_W cells at
-    (tile_y0, tile_x0): samples lie inside the (scaled) box and touch cells at most one away
-    from it after clamping, hence a 2-cell margin."""
-    b, x1, y1, x2, y2, roi_lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
-                                            NUM_LEVELS)
-    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
-                                                                      ALIGNED)
+def _roi_tiles(rois_ptr, desc_ptr, k, ok, N, canonical_scale, canonical_level, k_min, k_max,
+               PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr,
+               TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The rectangle of gradient tiles RoIs ``k`` (read where ``ok``) can reach on their level.
+
+    Returns (first, tiles_x, ty0, tx0, ny, nx): tile (ty0 + i, tx0 + j), i < ny, j < nx, is
+    numbered ``first + (ty0 + i) * tiles_x + tx0 + j`` (``first``: the tile of the RoI's image's
+    origin on its level); ny = nx = 0 for a RoI that pools zeros (batch index or level out of
+    range, or a box wholly off its map). A sample lies between the scaled box's ends (up to
+    rounding) and touches the two cells around it after clamping, so the cells from one
+    before the box's first to two past its last cover every tap.
+    """
+    b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, ok, canonical_scale, canonical_level, k_min, k_max,
+                                        NUM_LEVELS)
+    row, scale, height, width = _level_size(desc_ptr, lvl, x1.dtype, NUM_LEVELS)
+    start_y, start_x, bin_h, bin_w, _, _, _ = _roi_grid(x1, y1, x2, y2, scale, PH, PW, 1, ALIGNED)
     end_y = start_y + PH * bin_h
     end_x = start_x + PW * bin_w
-    reach = ((k < K) & (b == n) & (roi_lvl == lvl)
-             & (tl.maximum(start_y, end_y) >= tile_y0 - 2) & (tl.minimum(start_y, end_y) <= tile_y0 + TILE_H + 1)
-             & (tl.maximum(start_x, end_x) >= tile_x0 - 2) & (tl.minimum(start_x, end_x) <= tile_x0 + TILE_W + 1))
-    return reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count
+    # Cell bounds clamped in floating point (boxes may lie far off the map) before the int cast.
+    h_f = height.to(x1.dtype)
+    w_f = width.to(x1.dtype)
+    y_lo = tl.maximum(tl.floor(tl.minimum(start_y, end_y)) - 1.0, 0.0)
+    y_hi = tl.minimum(tl.floor(tl.maximum(start_y, end_y)) + 2.0, h_f - 1.0)
+    x_lo = tl.maximum(tl.floor(tl.minimum(start_x, end_x)) - 1.0, 0.0)
+    x_hi = tl.minimum(tl.floor(tl.maximum(start_x, end_x)) + 2.0, w_f - 1.0)
+    live = ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS) & (y_lo <= y_hi) & (x_lo <= x_hi)
+    ty0 = tl.where(live, y_lo, 0.0).to(tl.int32) // TILE_H
+    tx0 = tl.where(live, x_lo, 0.0).to(tl.int32) // TILE_W
+    ny = tl.where(live, tl.where(live, y_hi, 0.0).to(tl.int32) // TILE_H - ty0 + 1, 0)
+    nx = tl.where(live, tl.where(live, x_hi, 0.0).to(tl.int32) // TILE_W - tx0 + 1, 0)
+    tiles_x = tl.cdiv(width, TILE_W)
+    first = tl.load(row + 8).to(tl.int64) + b.to(tl.int64) * (tl.cdiv(height, TILE_H) * tiles_x)  # DESC_TILE_START
+    return first, tiles_x, ty0, tx0, ny, nx
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC + ["NB"])
+def _roi_align_bin_kernel(
+    rois_ptr, desc_ptr, cursor_ptr, list_ptr, K, N, NB, canonical_scale, canonical_level, k_min, k_max,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, ROIS: tl.constexpr, BLOCK_T: tl.constexpr, FILL: tl.constexpr,
+):
+    """The deterministic backward's counting sort of RoIs into gradient tiles, one pass of two.
+
+    cursor_ptr: int64 Tensor[tiles, NB]: entry (t, g) counts the RoIs of block g (RoIs
+        g * ROIS ... g * ROIS + ROIS - 1) that reach tile t. Counting pass (FILL False): zeros
+        in, counts out. Filling pass: in, the position in ``list_ptr`` of the entry's first
+        RoI (the exclusive prefix sum of the counts, tile-major); each RoI k reaching tile t is
+        written there as k, and the cursor advances.
+    Grid: (NB,). A program takes its block's RoIs one after the other, each RoI's tiles as one
+    vector of BLOCK_T, and a barrier between RoIs orders its cursor updates: every tile's list
+    is so in increasing RoI order, whatever order the programs run in. The work is the
+    (RoI, tile) pairs, not tiles x RoIs.
+    """
+    g = tl.program_id(0)
+    j = tl.arange(0, BLOCK_T)
+    # The block's RoIs as one vector; each is then taken out by a reduction (a scalar).
+    r = tl.arange(0, ROIS)
+    first_r, tiles_x_r, ty0_r, tx0_r, ny_r, nx_r = _roi_tiles(rois_ptr, desc_ptr, g * ROIS + r, g * ROIS + r < K, N,
+                                                              canonical_scale, canonical_level, k_min, k_max, PH, PW,
+                                                              ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
+    for i in range(0, ROIS):  # RoIs past K reach no tile (ny = nx = 0)
+        k = g * ROIS + i
+        first = tl.sum(tl.where(r == i, first_r, 0), axis=0)
+        tiles_x = tl.sum(tl.where(r == i, tiles_x_r, 0), axis=0)
+        ty0 = tl.sum(tl.where(r == i, ty0_r, 0), axis=0)
+        tx0 = tl.sum(tl.where(r == i, tx0_r, 0), axis=0)
+        ny = tl.sum(tl.where(r == i, ny_r, 0), axis=0)
+        nx = tl.sum(tl.where(r == i, nx_r, 0), axis=0)
+        for j0 in range(0, ny * nx, BLOCK_T):
+            t_ok = j0 + j < ny * nx
+            tile = first + ((ty0 + (j0 + j) // nx) * tiles_x + tx0 + (j0 + j) % nx)
+            ptrs = cursor_ptr + tile * NB + g
+            at = tl.load(ptrs, mask=t_ok, other=0)
+            if FILL:
+                tl.store(list_ptr + at, k + j * 0, mask=t_ok)
+            tl.store(ptrs, at + 1, mask=t_ok)
+        tl.debug_barrier()  # the next RoI's tiles may share this one's cursors
+
+
+@triton.jit(do_not_specialize=["NB"])
 def _roi_align_bwd_det_kernel(
-    grad_ptr, grad_out_ptr, rois_ptr, desc_ptr, K,
-    go_stride_k, go_stride_c, go_stride_h, go_stride_w,
-    N, C, canonical_scale, canonical_level, k_min, k_max,
+    grad_ptr, grad_out_ptr, rois_ptr, desc_ptr, list_ptr, ends_ptr, NB,
+    go_stride_k, go_stride_c, go_stride_h, go_stride_w, C,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    P_CHUNK: tl.constexpr, SCAN: tl.constexpr,
+    P_CHUNK: tl.constexpr,
 ):
     """RoI Align backward, deterministic: every gradient cell is gathered by exactly one program.
 
@@ -481,17 +540,18 @@ def _roi_align_bwd_det_kernel(
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
     rois_ptr: Tensor[K, 5], contiguous rows, fp32 or fp64 (the compute dtype).
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
+    list_ptr, ends_ptr: the RoIs binned by ``_roi_align_bin_kernel``: tile t's RoIs are
+        list[ends[t * NB - 1] : ends[t * NB + NB - 1]] (from 0 for t = 0), in increasing order;
+        ends is the inclusive prefix sum of the counts.
     Grid: (tiles, channel blocks); tiles enumerate (level, image, TILE_H x TILE_W cells), level
     l's tiles numbered from its descriptor row's tile start.
 
     Bilinear weights are separable and a bin's samples form a product grid, so the gradient
     a column q = (RoI k, bin p) sends to cell t is Wy[t, q] * Wx[t, q] * grad_out[k, :, p] / count.
-    A program tests the RoIs against its tile SCAN at a time, walks the blocks with a hit in
-    order, BLOCK_R RoIs and P_CHUNK bins at a time, keeps the columns of RoIs pooled from its
-    level and image whose box reaches the tile, and adds one matrix product
-    (Wy * Wx) @ grad_out per step: a fixed summation order, no float atomics, so the result is
-    bitwise reproducible. The RoIs are read once per tile (K * 20 bytes, from L2), and again
-    for the blocks with a hit.
+    A program walks its tile's list, BLOCK_R RoIs and P_CHUNK bins at a time, and adds one
+    matrix product (Wy * Wx) @ grad_out per step: a fixed summation order, no float atomics,
+    so the result is bitwise reproducible. The work is the (RoI, tile) pairs times the bins:
+    a tile never looks at a RoI that cannot reach it.
     """
     # The program's level: how many levels' first tiles it is past (NUM_LEVELS - 1 uniform
     # scalar loads, independent of each other), then that level's row.
@@ -512,55 +572,49 @@ def _roi_align_bwd_det_kernel(
     tile_x0 = (local % tiles_img) % tiles_x * TILE_W
     rows = tile_y0 + tl.arange(0, TILE_H)
     cols = tile_x0 + tl.arange(0, TILE_W)
+    # The tile's slice of the list: [ends[pid * NB - 1], ends[pid * NB + NB - 1]).
+    seg = ends_ptr + pid.to(tl.int64) * NB
+    lo = tl.load(seg - 1, mask=pid > 0, other=0)
+    hi = tl.load(seg + NB - 1)
 
     acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), scale.dtype)
     q = tl.arange(0, BLOCK_R * P_CHUNK)
-    s = tl.arange(0, SCAN)
-    for r_scan in range(0, K, SCAN):
-        # Most RoIs miss most tiles (every RoI of another image or level does): test SCAN RoIs
-        # at once, as one vector, and skip them all when none reaches the tile; only the
-        # blocks with a hit are walked RoI by RoI.
-        reach_any, _, _, _, _, grid_h_any, grid_w_any, _ = _tile_rois(
-            rois_ptr, r_scan + s, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
-            k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
-        if tl.max(reach_any.to(tl.int32), axis=0) > 0:
-            for r0 in range(r_scan, tl.minimum(r_scan + SCAN, K), BLOCK_R):
-                # The step's RoIs (column q belongs to RoI r0 + q // P_CHUNK): whether any
-                # reaches the tile, and their largest sampling grid, read off the scan's vector.
-                in_step = reach_any & (s >= r0 - r_scan) & (s < r0 - r_scan + BLOCK_R)
-                if tl.max(in_step.to(tl.int32), axis=0) > 0:
-                    k = r0 + q // P_CHUNK
-                    if SAMPLING > 0:
-                        n_y: tl.constexpr = SAMPLING
-                        n_x: tl.constexpr = SAMPLING
-                    else:  # the largest grid of the RoIs that reach the tile; other columns are masked
-                        n_y = tl.max(tl.where(in_step, grid_h_any, 0), axis=0)
-                        n_x = tl.max(tl.where(in_step, grid_w_any, 0), axis=0)
-                    # Each bin chunk recomputes the geometry from the (cached) RoI rows rather
-                    # than keep it live across the chunk loop (registers).
-                    for p0 in range(0, PH * PW, P_CHUNK):
-                        p = p0 + q % P_CHUNK
-                        reach, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _tile_rois(
-                            rois_ptr, k, K, n, lvl, tile_y0, tile_x0, scale, canonical_scale, canonical_level,
-                            k_min, k_max, PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, TILE_H, TILE_W)
-                        col_ok = reach & (p < PH * PW)
-                        # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over
-                        # the tile's cells (row-major, as the store below).
-                        wy = _axis_weights(rows, start_y + (p // PW).to(bin_h.dtype) * bin_h, bin_h, grid_h,
-                                           tl.maximum(grid_h, 1).to(bin_h.dtype), n_y, height, col_ok)
-                        wx = _axis_weights(cols, start_x + (p % PW).to(bin_w.dtype) * bin_w, bin_w, grid_w,
-                                           tl.maximum(grid_w, 1).to(bin_w.dtype), n_x, width, col_ok)
-                        w = tl.reshape(wy[:, None, :] * wx[None, :, :], (TILE_H * TILE_W, BLOCK_R * P_CHUNK))
-                        go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
-                        go = tl.load(grad_out_ptr + go_col[:, None] + (offs_c * go_stride_c)[None, :],
-                                     mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(acc.dtype)
-                        g = div_rn(go, count[:, None])
-                        if acc.dtype == tl.float64:
-                            # Triton 3.6 has no fp64 dot: the same product as a broadcast
-                            # multiply and a sum over the columns (P_CHUNK is small in fp64).
-                            acc += tl.sum(w[:, :, None] * g[None, :, :], axis=1)
-                        else:
-                            acc = tl.dot(w, g, acc, input_precision="ieee")
+    for r0 in range(lo, hi, BLOCK_R):
+        # The step's RoIs: column q belongs to the list's entry r0 + q // P_CHUNK. All are
+        # pooled from this tile's level and image (the binning computed their level).
+        in_step = r0 + q // P_CHUNK < hi
+        k = tl.load(list_ptr + r0 + q // P_CHUNK, mask=in_step, other=0)
+        # Each bin chunk recomputes the geometry from the (cached) RoI rows rather than keep
+        # it live across the chunk loop (registers).
+        for p0 in range(0, PH * PW, P_CHUNK):
+            p = p0 + q % P_CHUNK
+            _, x1, y1, x2, y2, _ = _load_rois(rois_ptr, k, in_step, 0.0, 0.0, 0, 0, 1)  # 1 level: no mapping
+            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW,
+                                                                              SAMPLING, ALIGNED)
+            col_ok = in_step & (p < PH * PW)
+            if SAMPLING > 0:
+                n_y: tl.constexpr = SAMPLING
+                n_x: tl.constexpr = SAMPLING
+            else:  # the step's largest grid; other columns are masked
+                n_y = tl.max(tl.where(col_ok, grid_h, 0), axis=0)
+                n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
+            # Per-axis weights [TILE_H, Q] and [TILE_W, Q], then their outer product over the
+            # tile's cells (row-major, as the store below).
+            wy = _axis_weights(rows, start_y + (p // PW).to(bin_h.dtype) * bin_h, bin_h, grid_h,
+                               tl.maximum(grid_h, 1).to(bin_h.dtype), n_y, height, col_ok)
+            wx = _axis_weights(cols, start_x + (p % PW).to(bin_w.dtype) * bin_w, bin_w, grid_w,
+                               tl.maximum(grid_w, 1).to(bin_w.dtype), n_x, width, col_ok)
+            w = tl.reshape(wy[:, None, :] * wx[None, :, :], (TILE_H * TILE_W, BLOCK_R * P_CHUNK))
+            go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
+            go = tl.load(grad_out_ptr + go_col[:, None] + (offs_c * go_stride_c)[None, :],
+                         mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(acc.dtype)
+            g = div_rn(go, count[:, None])
+            if acc.dtype == tl.float64:
+                # Triton 3.6 has no fp64 dot: the same product as a broadcast multiply and a
+                # sum over the columns (P_CHUNK is small in fp64).
+                acc += tl.sum(w[:, :, None] * g[None, :, :], axis=1)
+            else:
+                acc = tl.dot(w, g, acc, input_precision="ieee")
 
     # Every cell of the tile is written (zero where no RoI reaches it). The gradient's layout
     # is read only now, so that it does not hold registers through the RoI loop.
@@ -725,8 +779,9 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
 
     ``rois``: Tensor[K, 5], contiguous, fp32 (fp64 for fp64 features: the compute dtype).
     With one level every RoI is pooled from it; with several, each RoI's level is computed in
-    the kernel (canonical_scale/level, clamped to [k_min, k_max]). Returns Tensor[K, C, PH, PW] in the features' dtype, channels-last when the
-    features are. ``out``: a preallocated output (any strides), e.g. NaN-filled by tests.
+    the kernel (canonical_scale/level, clamped to [k_min, k_max]). Returns Tensor[K, C, PH, PW] in
+    the features' dtype, channels-last when the features are. ``out``: a preallocated output (any
+    strides), e.g. NaN-filled by tests.
     ``block_r``/``block_p``/``block_c``: override the block shape (tests run the GPU's shape
     through the interpreter with them).
     """
@@ -784,26 +839,13 @@ def _grad_layout(shapes, channels_last: list[bool]):
     return strides, offsets, total
 
 
-# RoIs the deterministic backward tests together against a tile before walking them one
-# step at a time (rounded up to a multiple of its BLOCK_R, 1 on the GPU and up to 32
-# otherwise, so that no step straddles two scan blocks).
-DET_SCAN = 32
-
-
 def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int, f64: bool = False):
     """(TILE_H, TILE_W, BLOCK_C, BLOCK_R, P_CHUNK) for the deterministic backward.
 
-    GPU: 8x8 cells x 32 channels, one RoI and 32 bins per step (a 64x32x32 product), with 8
-    warps. Compiled for sm_90 (register report of the cubin): 64 channels on 4 warps needed
-    255 registers and a 928-byte stack with Triton 3.9; with the bin chunks unrolled, 32
-    channels on 8 warps needed 196 registers with Triton 3.9 but spilled with Triton 3.6.
-    The chunks are now a loop of 32 bins (Triton 3.6 spilled a few bytes at 16 and at 64),
-    inside the scan over blocks of DET_SCAN RoIs: 104 to 115 registers with either, no stack.
-    The channel block stays 32 below 32 channels: 16 channels got a register cap (64 on 8
-    warps, 80 on 4) and an 8-16 byte stack from Triton 3.6, on an H200 and in the compile
-    check alike; the idle lanes cost only inputs of under 32 channels (not the model's 256).
-    Interpreter: tiles of up to 16x32 cells and up to 32 RoIs per step, so that few programs
-    and few steps cover the levels.
+    GPU: 8x8 cells x 32 channels, one RoI and 32 bins per step (a 64x32x32 product), 8 warps:
+    the largest tile that compiles without spills under Triton 3.6 (register counts and the
+    shapes that spilled: benchmarks/NOTES.md, RoI Align). Interpreter: tiles of up to 16x32
+    cells and up to 32 RoIs per step, so that few programs and few steps cover the levels.
     fp64 (``f64``, for gradcheck; not the model's dtype) multiplies by a broadcast and a sum,
     whose [cells, columns, channels] product is held whole: 4 bins per step.
     """
@@ -814,6 +856,62 @@ def _det_config(device: torch.device, shapes, k: int, c: int, n_bins: int, f64: 
         p_chunk = 4 if f64 else max(16, min(64, _pow2(n_bins)))
         return th, tw, bc, min(32, _pow2(max(k, 1))), p_chunk
     return 8, 8, 32, 1, 4 if f64 else 32
+
+
+# The deterministic backward's counting sort. Each program of the binning kernel takes
+# BIN_ROIS RoIs in order (more when the per-(tile, RoI block) counts would pass
+# BIN_COUNTS_MAX entries); its vector of tiles is BIN_TILES wide on the GPU (a box-head RoI
+# reaches about 2-40 tiles of 8x8 cells) and wider through the interpreter.
+BIN_ROIS = 8
+BIN_ROIS_INTERPRETER = 64
+BIN_COUNTS_MAX = 1 << 22
+BIN_TILES = 64
+# The RoI list is allocated at its bound (every RoI reaching every tile of an image of its
+# level), which needs no sync, up to this many entries; past it, the exact size is read back.
+BIN_LIST_MAX = 1 << 26
+
+
+def _tiles_per_image(shapes, th: int, tw: int) -> int:
+    """The most tiles one image has on any level: the most one RoI can reach."""
+    return max(_cdiv(s[2], th) * _cdiv(s[3], tw) for s in shapes)
+
+
+def _bin_rois(rois: torch.Tensor, desc: torch.Tensor, k: int, n: int, num_tiles: int, tiles_per_image: int,
+              geometry: tuple):
+    """RoIs binned by the gradient tiles they reach: (list, ends, NB), as
+    ``_roi_align_bwd_det_kernel`` reads them (tile t's RoIs are list[ends[t * NB - 1] :
+    ends[t * NB + NB - 1]], in increasing order).
+
+    Two launches of ``_roi_align_bin_kernel`` around a prefix sum: counts per (tile, block of
+    RoIs), their inclusive sum, and the fill, each block's RoIs placed in order after the
+    counts of the blocks before it. Bitwise the same lists on every run (integer work only).
+    ``geometry``: (canonical_scale, canonical_level, k_min, k_max, PH, PW, ALIGNED,
+    NUM_LEVELS, TILE_H, TILE_W).
+    """
+    device = rois.device
+    per = BIN_ROIS if gpu_launch(device) else BIN_ROIS_INTERPRETER
+    while num_tiles * _cdiv(k, per) > BIN_COUNTS_MAX:
+        per *= 2
+    nb = max(1, _cdiv(k, per))
+    block_t = BIN_TILES if gpu_launch(device) else 256
+    scale, level, k_min, k_max, ph, pw, aligned, levels, th, tw = geometry
+
+    def launch(cursor, rois_list, fill):
+        _roi_align_bin_kernel[(nb,)](
+            rois, desc, cursor, rois_list, k, n, nb, scale, level, k_min, k_max,
+            PH=ph, PW=pw, ALIGNED=aligned, NUM_LEVELS=levels, TILE_H=th, TILE_W=tw, ROIS=per, BLOCK_T=block_t,
+            FILL=fill, num_warps=2 if gpu_launch(device) else 1,
+        )
+
+    counts = torch.zeros(num_tiles * nb, dtype=torch.int64, device=device)
+    launch(counts, counts, False)
+    ends = torch.cumsum(counts, 0)
+    bound = k * tiles_per_image
+    if bound > BIN_LIST_MAX:  # huge maps: allocate the exact size, at the cost of a host sync
+        bound = int(ends[-1])
+    rois_list = torch.empty(max(bound, 1), dtype=torch.int32, device=device)
+    launch(ends - counts, rois_list, True)
+    return rois_list, ends, nb
 
 
 def _bwd_plan(shapes, channels_last, scales, tiling, f64: bool, device: torch.device):
@@ -869,15 +967,18 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
         out = (torch.empty if deterministic else torch.zeros)(total, dtype=rois.dtype, device=device)
     gs = grad_out.stride()
     if total and deterministic:
-        # Grid: one program per (level, image, TILE_H x TILE_W cell tile) x channel block.
+        # RoIs binned into the tiles they reach (a counting sort on the device), then one
+        # program per (level, image, TILE_H x TILE_W cell tile) x channel block walks its list.
+        geometry = (float(canonical_scale), float(canonical_level), int(k_min), int(k_max), ph, pw, bool(aligned),
+                    len(shapes), th, tw)
+        rois_list, ends, nb = _bin_rois(rois, desc, k, n, num_tiles, _tiles_per_image(shapes, th, tw), geometry)
         grid = (num_tiles, _cdiv(c, bc))
         _roi_align_bwd_det_kernel[grid](
-            out, grad_out, rois, desc, k,
-            gs[0], gs[1], gs[2], gs[3],
-            n, c, float(canonical_scale), float(canonical_level), int(k_min), int(k_max),
+            out, grad_out, rois, desc, rois_list, ends, nb,
+            gs[0], gs[1], gs[2], gs[3], c,
             PH=ph, PW=pw, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), NUM_LEVELS=len(shapes),
             STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
-            TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk, SCAN=br * _cdiv(DET_SCAN, br),
+            TILE_H=th, TILE_W=tw, BLOCK_C=bc, BLOCK_R=br, P_CHUNK=p_chunk,
             num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:

@@ -272,29 +272,95 @@ def test_every_output_written(device, layout):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_deterministic_backward_gpu_shape_scans_rois_in_blocks(device):
-    """The GPU's deterministic configuration (one RoI per step) over more RoIs than one scan
-    block holds (DET_SCAN), the last block partial: gradients equal the atomic kernel's, and
-    every element of the NaN-filled buffer is written."""
-    from fastmask.kernels.roi_align import DET_SCAN, roi_align_bwd
+def test_deterministic_backward_gpu_shape(device, monkeypatch):
+    """The GPU's deterministic configuration (one RoI per step) with the RoIs binned 4 per
+    program (many binning programs, the last partial): gradients equal the atomic kernel's,
+    and every element of the NaN-filled buffer is written."""
+    import fastmask.kernels.roi_align as ra
 
+    monkeypatch.setattr(ra, "BIN_ROIS_INTERPRETER", 4)
     feats = make_pyramid(2, 12, 2, "nchw", seed=23, device=device)
-    boxes = [pyramid_boxes(DET_SCAN - 10, IMAGE_SIZES[0], 24, device), pyramid_boxes(4, IMAGE_SIZES[1], 25, device)]
+    boxes = [pyramid_boxes(6, IMAGE_SIZES[0], 24, device), pyramid_boxes(3, IMAGE_SIZES[1], 25, device)]
     rois = boxes_to_rois(boxes).float().contiguous()
-    assert DET_SCAN < rois.shape[0] < 2 * DET_SCAN
+    assert rois.shape[0] % 4
     scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
     k_min, k_max = level_range(scales)
     out_size = (2, 2)
     grad = torch.randn(rois.shape[0], 12, *out_size, generator=torch.Generator().manual_seed(26)).to(device)
     shapes = [tuple(f.shape) for f in feats]
     cl = [False] * len(feats)
-    ref = roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max)
+    ref = ra.roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max)
     buf = torch.full((sum(math.prod(s) for s in shapes),), float("nan"), device=device)
-    got = roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max,
-                        deterministic=True, out=buf, block_r=1)
+    got = ra.roi_align_bwd(grad, rois, shapes, cl, out_size, scales, 2, False, k_min=k_min, k_max=k_max,
+                           deterministic=True, out=buf, block_r=1)
     assert all(a.abs().sum() > 0 for a in got)  # every level received gradient
     for i, (a, b) in enumerate(zip(got, ref)):
         assert_close_verbose(a.cpu(), b.cpu(), *TOL[torch.float32], what=f"det, one RoI per step, level {i}")
+
+
+def _binned(monkeypatch, feats, rois, scales, out_size, **kw):
+    """The deterministic backward's gradients and its binning: {tile: [RoIs]} as its kernel
+    walks them (slices of the list between the prefix sums), and the number of tiles."""
+    import fastmask.kernels.roi_align as ra
+
+    seen = {}
+    real = ra._bin_rois
+
+    def spy(rois_, desc, k, n, num_tiles, *args):
+        rois_list, ends, nb = real(rois_, desc, k, n, num_tiles, *args)
+        seen.update(rois_list=rois_list.cpu(), ends=ends.cpu(), nb=nb, tiles=num_tiles)
+        return rois_list, ends, nb
+
+    monkeypatch.setattr(ra, "_bin_rois", spy)
+    grad = torch.randn(rois.shape[0], feats[0].shape[1], *out_size, generator=torch.Generator().manual_seed(5))
+    shapes = [tuple(f.shape) for f in feats]
+    grads = ra.roi_align_bwd(grad, rois, shapes, [False] * len(feats), out_size, scales, 2, False,
+                             deterministic=True, **kw)
+    ends, nb = seen["ends"].tolist(), seen["nb"]
+    lists = {}
+    for t in range(seen["tiles"]):
+        lo = ends[t * nb - 1] if t else 0
+        lists[t] = seen["rois_list"][lo:ends[t * nb + nb - 1]].tolist()
+    return grads, lists, seen["tiles"]
+
+
+def test_deterministic_backward_visits_only_the_tiles_each_roi_reaches(monkeypatch):
+    """Each gradient tile walks exactly the RoIs whose gradient can land in it, in increasing
+    order: a superset of the tiles each RoI's own gradient (the reference's, one RoI at a
+    time) touches, within one tile of it. So the work is the (RoI, tile) pairs a RoI reaches,
+    whatever the number of tiles and RoIs: the same RoIs on maps of 4x the area take the same
+    steps over 4x the tiles, and twice the RoIs twice the steps."""
+    import fastmask.kernels.roi_align as ra
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 24, 40, generator=g)
+    rois = make_rois(2, 24, 90.0, seed=4)
+    out_size, scale = (3, 3), 0.25
+    th, tw = ra._det_config(torch.device("cpu"), [x.shape], 24, 3, 9)[:2]
+    _, lists, tiles = _binned(monkeypatch, [x], rois, [scale], out_size)
+    tiles_x, tiles_img = -(-40 // tw), -(-24 // th) * -(-40 // tw)
+    for k in range(rois.shape[0]):
+        leaf_x = x.clone().requires_grad_()
+        roi_align(leaf_x, rois[k:k + 1], out_size, scale, 2, False, backend="torch").sum().backward()
+        cells = leaf_x.grad.abs().sum(1).nonzero()  # (image, row, column) of every cell it touches
+        touched = {int(n) * tiles_img + int(r) // th * tiles_x + int(c) // tw for n, r, c in cells}
+        listed = {t for t, ks in lists.items() if k in ks}
+        assert touched <= listed, f"RoI {k}: tiles {sorted(touched - listed)} get gradient but do not list it"
+        near = {t + dy * tiles_x + dx for t in touched for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+        assert not touched or listed <= near, f"RoI {k}: listed in tiles {sorted(listed - near)} it cannot reach"
+    assert all(ks == sorted(ks) for ks in lists.values())
+    pairs = sum(len(ks) for ks in lists.values())
+    assert 0 < pairs < tiles * rois.shape[0] / 2  # far below every tile scanning every RoI
+
+    # The same RoIs on maps of 4x the area, tiled alike (16x32 cells through the interpreter):
+    # more than twice the tiles, the same pairs.
+    big = torch.nn.functional.pad(x, (0, 40, 0, 24))
+    _, big_lists, big_tiles = _binned(monkeypatch, [big], rois, [scale], out_size)
+    assert ra._det_config(torch.device("cpu"), [big.shape], 24, 3, 9)[:2] == (th, tw)
+    assert big_tiles > 2 * tiles and sum(len(ks) for ks in big_lists.values()) == pairs
+    # Twice the RoIs: twice the pairs.
+    _, double_lists, _ = _binned(monkeypatch, [x], torch.cat([rois, rois]), [scale], out_size)
+    assert sum(len(ks) for ks in double_lists.values()) == 2 * pairs
 
 
 # --------------------------------------------------------------------------- level descriptor

@@ -38,15 +38,21 @@ once, since the cross-chunk kernel reads every earlier row of a run for each 64 
 2. ``_nms_mask_kernel``: the suppression bits of every pair (row i < column j) of the
    chunk in the same run, packed into 64-bit words; tiles whose rows and columns share no
    run are skipped (with 80 classes nearly all of them).
-3. ``_nms_reduce_kernel``: the greedy walk. One program per run start (runs are
-   independent), walking its boxes 64 at a time: the block's 64 diagonal words are
-   resolved in registers, then the rows kept are ORed into a "removed" bit-vector held
-   in registers. Nothing goes back to the host.
+3. ``_nms_reduce_kernel``: the greedy walk over a window of up to WALK_WINDOW positions of
+   the chunk. One program per run start (runs are independent), walking its boxes 64 at a
+   time: the block's 64 diagonal words are resolved in registers, then the rows kept are
+   ORed into a "removed" bit-vector of the window's words, held in registers. Nothing goes
+   back to the host.
+4. ``_nms_push_kernel`` (windows before the chunk's last): the window's kept rows ORed into
+   the removed words of every later column of the chunk, from the mask bits, by many
+   programs at once (atomically), so the next window's walk starts from them. The walk's
+   serial steps stay one per 64 boxes, but each touches one window's words, not the chunk's.
 
-Launches per call at up to SINGLE_CHUNK_MAX boxes: the key kernel, the sort, the mask and
-the reduce kernel (one more sort for fp64 scores); presorted: mask and reduce only. Above:
-one gather (keyed), one zero fill of the cross-chunk words, and a cross-chunk, mask and
-reduce launch per further chunk of MAX_CHUNK.
+Launches per call at up to WALK_WINDOW boxes: the key kernel, the sort, the mask and the
+reduce kernel (one more sort for fp64 scores); presorted: mask and reduce only. Above, one
+zero fill of the removed words, and a push and a reduce launch per further window; past
+SINGLE_CHUNK_MAX, one gather (keyed) and a cross-chunk, mask and reduce launch per further
+chunk of MAX_CHUNK.
 
 IoU is computed as torchvision's CPU kernel computes it, in fp32 (fp64 for fp64 boxes,
 fp16/bf16 upcast on load), with fused multiply-add turned off at launch. The test
@@ -92,10 +98,11 @@ INVALID_RUN = tl.constexpr((2**63 - 1) >> 32)
 # Rows per step of each kernel. On the GPU: [64 rows, 64 columns] pair tiles at 8 warps
 # (32 rows for fp64), and the reduce kernel's [SUB_ROWS <= 16, W] word tiles (at most
 # REDUCE_TILE words), compile for sm_90 under Triton 3.6 with no spills. Under Triton's
-# interpreter each operation of each program costs a fixed overhead, so its tiles are tall.
-GPU_ROWS = {"mask": 64, "cross": 64, "reduce": 16}
-GPU_ROWS_F64 = {"mask": 32, "cross": 32, "reduce": 16}
-INTERPRETER_ROWS = {"mask": 512, "cross": 512, "reduce": 64}
+# interpreter each operation of each program costs a fixed overhead, so its tiles are tall
+# (the push's [256 rows, 64 words] is what its bit-wise OR fits in 2**20 elements).
+GPU_ROWS = {"mask": 64, "cross": 64, "reduce": 16, "push": 64}
+GPU_ROWS_F64 = {"mask": 32, "cross": 32, "reduce": 16, "push": 64}
+INTERPRETER_ROWS = {"mask": 512, "cross": 512, "reduce": 64, "push": 256}
 # Pushing kept rows: unrolled (all row groups' loads in flight) up to W = 128 at 4 warps; a
 # loop over row groups above (unrolled, W = 256 spilled under Triton 3.6) at 8 warps, which
 # halves the groups (measured on the H200 at 20k boxes of one class, W = 512: 3.81 ms
@@ -103,13 +110,17 @@ INTERPRETER_ROWS = {"mask": 512, "cross": 512, "reduce": 64}
 UNROLL_MAX_W = 128
 REDUCE_TILE = {True: 4096, False: 8192}
 REDUCE_WARPS = {True: 4, False: 8}
+# Positions one reduce launch walks. Past it the chunk's mask is walked window by window,
+# each window's kept rows pushed into the later columns by _nms_push_kernel (parallel), so
+# the walk's removed vector spans a window: W = 128, the unrolled 4-warp form (measured on
+# the H200 at 8192 boxes: 0.95 ms; the chunk-wide W = 512 loop took 3.81 ms at 20k boxes).
+WALK_WINDOW = 8192
 # The reduce kernel's W (words of its "removed" vector, a constexpr) is the smallest of these
-# that holds a chunk's words, not the chunk's own power of two: 3 compiled variants per flag
-# set for every size up to SINGLE_CHUNK_MAX instead of 10 (W = 1 ... 512). Words past the
-# chunk are never loaded (the push masks them by each row's run end), so a wider W costs
-# register work, not memory traffic: up to 1024 boxes at W = 16, up to 8192 (and every chunk
-# of MAX_CHUNK) at W = 128, the measured unrolled optimum, and W = 512 above.
-W_BUCKETS = (16, 128, 512)
+# that holds a window's words, not the chunk's own power of two: 2 compiled variants per flag
+# set for every size (the power of two gave 10, W = 1 ... 512). Words past the window are
+# never loaded (the push masks them by each row's run end), so a wider W costs register
+# work, not memory traffic: up to 1024 boxes W = 16, above W = 128.
+W_BUCKETS = (16, 128)
 # Boxes per program of the key and gather kernels, and positions probed per step of the
 # run-boundary search (ceil(log_64(T)) dependent loads: 3 up to 262144 boxes).
 KEY_BLOCK = {"gpu": 1024, "interpreter": 8192}
@@ -485,24 +496,61 @@ def _nms_cross_kernel(boxes_ptr, key_ptr, cls_ptr, keep_ptr, removed_ptr, thr_bi
             tl.atomic_or(removed_ptr + q, word)
 
 
+@triton.jit(do_not_specialize=["c0", "win_start", "win_end", "chunk_len"])
+def _nms_push_kernel(mask_ptr, key_ptr, cls_ptr, keep_ptr, removed_ptr, c0, win_start, win_end, chunk_len, n, ws,
+                     s_cb, s_cn, KEYED: tl.constexpr, ROWS: tl.constexpr, OR_BY_BITS: tl.constexpr):
+    """The mask words of the rows kept in positions ``[win_start, win_end)`` of a chunk, ORed
+    into the removed words of 64 of the chunk's columns after them.
+
+    mask_ptr: int64 Tensor[C, ws], the chunk's suppression bits (``_nms_mask_kernel``).
+    key_ptr, cls_ptr: run ids, as in ``_nms_reduce_kernel``.
+    keep_ptr: uint8 Tensor[T], keep flags in sorted order (final in the window).
+    removed_ptr: int64 Tensor[>= C / 64], the chunk's removed words, ORed atomically.
+    Grid: one program per (64 words after the window, ROWS rows of the window).
+    """
+    q = (win_end - c0) // WORD + tl.program_id(0) * WORD + tl.arange(0, WORD)
+    q_ok = q < (chunk_len + WORD - 1) // WORD
+    r_lo = win_start + tl.program_id(1) * ROWS
+    r_hi = tl.minimum(r_lo + ROWS, win_end)
+    # A row's word q was written, and can hold its bits, only if the row's run reaches the
+    # word's first column (rows come first, runs are contiguous): then the tile's last row is
+    # of the run of the first column of these 64 words, which one load checks.
+    first = c0 + (win_end - c0) // WORD * WORD + tl.program_id(0) * WORD * WORD
+    xa, xb = _run_ids(key_ptr, cls_ptr, first, first >= 0, n, s_cb, s_cn, KEYED)
+    la, lb = _run_ids(key_ptr, cls_ptr, r_hi - 1, r_hi > 0, n, s_cb, s_cn, KEYED)
+    share = _same_run(la, lb, xa, xb, KEYED)
+    if KEYED:
+        share = share & (xa != INVALID_RUN)
+    if share:
+        rows = r_lo + tl.arange(0, ROWS)
+        kept = tl.load(keep_ptr + rows, mask=rows < r_hi, other=0) != 0
+        ra, rb = _run_ids(key_ptr, cls_ptr, rows, kept, n, s_cb, s_cn, KEYED)
+        qa, qb = _run_ids(key_ptr, cls_ptr, c0 + q * WORD, q_ok, n, s_cb, s_cn, KEYED)
+        ld = kept[:, None] & q_ok[None, :] & _same_run(ra[:, None], rb[:, None], qa[None, :], qb[None, :], KEYED)
+        words = _or_rows(tl.load(mask_ptr + (rows - c0)[:, None] * ws + q[None, :], mask=ld, other=0), OR_BY_BITS)
+        tl.atomic_or(removed_ptr + q, words, mask=q_ok & (words != 0))
+
+
 @triton.jit(do_not_specialize=["c0", "chunk_len"])
 def _nms_reduce_kernel(mask_ptr, removed_ptr, key_ptr, src_ptr, cls_ptr, valid_ptr, keep_ptr, sorted_keep_ptr,
                        rank_ptr, count_ptr, c0, chunk_len, n, ws, s_cb, s_cn, s_vb, s_vn,
                        W: tl.constexpr, HAS_REMOVED: tl.constexpr, KEYED: tl.constexpr, SORTED_KEEP: tl.constexpr,
                        HAS_VALID: tl.constexpr, RANKS: tl.constexpr, SUB_ROWS: tl.constexpr, UNROLL: tl.constexpr,
                        OR_BY_BITS: tl.constexpr, PROBES: tl.constexpr):
-    """Greedy NMS walk over the runs that start in one 64-box block of a chunk.
+    """Greedy NMS walk over the runs that start in one 64-box block of a window of a chunk
+    (positions ``[c0, c0 + chunk_len)``).
 
-    mask_ptr: int64 Tensor[C, ws], the chunk's suppression bits (``_nms_mask_kernel``).
-    removed_ptr: int64 Tensor[W], boxes of the chunk suppressed by earlier chunks
+    mask_ptr: int64 Tensor[C, ws], the chunk's suppression bits (``_nms_mask_kernel``), a view
+        whose row 0 and word 0 are the window's first position.
+    removed_ptr: int64 Tensor[W], boxes of the window suppressed by earlier chunks and windows
         (read when HAS_REMOVED).
     key_ptr, src_ptr, cls_ptr: as in ``_nms_mask_kernel`` (run boundaries, input indices).
     valid_ptr: uint8 Tensor[B, N] strided, 0 for padding boxes (presorted with HAS_VALID;
         KEYED padding is recognised by its key). Padding is never kept and suppresses nothing.
     keep_ptr: uint8 Tensor[B * N] out, 1 = kept, written in input order (``src[pos]``): no
         scatter launch. This program writes the positions it owns.
-    sorted_keep_ptr: uint8 Tensor[T] out (SORTED_KEEP: KEYED with several chunks), the same
-        flags in sorted order, for the next chunks' cross pass.
+    sorted_keep_ptr: uint8 Tensor[T] out (SORTED_KEEP: KEYED with several windows), the same
+        flags in sorted order, for the push and the next chunks' cross pass.
     rank_ptr: int64 Tensor[B * N] out (RANKS): the key's score bits where kept, INVALID_KEY
         elsewhere, in input order: one stable sort of it lists the kept boxes by decreasing
         score. count_ptr: int32 Tensor[1], the number kept, accumulated (RANKS).
@@ -675,14 +723,19 @@ def _chunk_size(t: int, f64: bool, max_chunk: int | None) -> int:
     whole = triton.next_power_of_2(max(t, WORD_BITS))
     if max_chunk is not None:
         if max_chunk > SINGLE_CHUNK_MAX:
-            raise ValueError(f"max_chunk {max_chunk}: at most {SINGLE_CHUNK_MAX} (the widest W_BUCKETS)")
+            raise ValueError(f"max_chunk {max_chunk}: at most {SINGLE_CHUNK_MAX}")
         return min(whole, max_chunk)
     return whole if t <= (SINGLE_CHUNK_MAX_F64 if f64 else SINGLE_CHUNK_MAX) else MAX_CHUNK
 
 
-def _width(chunk: int) -> int:
-    """The reduce kernel's W for chunks of ``chunk`` positions: a bucket of W_BUCKETS."""
-    return next(w for w in W_BUCKETS if w * WORD_BITS >= chunk)
+def _window(chunk: int, max_window: int | None) -> int:
+    """Positions per reduce launch: a power of two >= 64 (tests use small windows)."""
+    return min(chunk, WALK_WINDOW if max_window is None else max_window)
+
+
+def _width(window: int) -> int:
+    """The reduce kernel's W for windows of ``window`` positions: a bucket of W_BUCKETS."""
+    return next(w for w in W_BUCKETS if w * WORD_BITS >= window)
 
 
 def _alloc(shape, dtype, device, poison, poison_value):
@@ -707,9 +760,11 @@ def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
 def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: torch.Tensor, *,
             key: torch.Tensor | None, src: torch.Tensor | None, cls: torch.Tensor | None, exact: bool,
             padded: bool, valid: torch.Tensor | None, rank: torch.Tensor | None, count: torch.Tensor | None,
-            max_chunk: int | None, poison: bool, or_by_bits: bool | None, unroll: bool | None) -> None:
-    """Launch the mask / cross-chunk / reduce kernels over ``t`` positions: 2 launches for one
-    chunk; for several, 3 more per further chunk, and (keyed) one gather into sorted copies.
+            max_chunk: int | None, max_window: int | None, poison: bool, or_by_bits: bool | None,
+            unroll: bool | None) -> None:
+    """Launch the mask / cross-chunk / reduce / push kernels over ``t`` positions: 2 launches
+    for one window; past one window, one zero fill and 2 more per further window; past one
+    chunk, 3 more per further chunk and (keyed) one gather into sorted copies.
 
     KEYED when ``key`` is given (sorted keys and their permutation ``src``; ``cls``: the classes
     when ``exact``; ``padded``: padding keys may occur), else presorted (``cls``: the groups;
@@ -721,14 +776,15 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
     f64 = boxes.dtype == torch.float64
     keyed = key is not None
     chunk = _chunk_size(t, f64, max_chunk)
-    w = _width(chunk)
+    window = _window(chunk, max_window)
+    w = _width(window)
     rows, ws = _mask_shape(t, chunk)
     # Scratch poisoned with all bits set: reading an unwritten word would remove boxes.
     mask = _alloc((rows, ws), torch.int64, dev, poison, -1)
-    # The cross-chunk programs OR into one row of W words per further chunk: zeroed once
-    # (one fill launch for the whole call, not one per chunk).
-    chunks = triton.cdiv(t, chunk)
-    removed = torch.zeros((chunks - 1, w), dtype=torch.int64, device=dev) if chunks > 1 else mask
+    # The removed words of each chunk, which the cross-chunk and push programs OR into and
+    # each window's walk reads W of: zeroed once (one fill launch for the whole call).
+    removed = torch.zeros((triton.cdiv(t, chunk), chunk // WORD_BITS + w), dtype=torch.int64,
+                          device=dev) if t > window else mask
     placeholder = keep  # any tensor, for the pointers a variant does not read
     thr_bits = threshold_bits(iou_threshold, f64)
     on_gpu = gpu_launch(dev)
@@ -753,6 +809,8 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
     # and the keep flags in sorted order.
     pair_boxes, pair_strides, pair_cls, pair_cls_strides = boxes, (s_bb, s_bn, s_bc), cls, (s_cb, s_cn)
     pair_n, read_src, sorted_keep = idx_n, keyed, keep
+    if keyed and t > window:  # the cross-chunk and push kernels read it
+        sorted_keep = _alloc((t,), torch.uint8, dev, poison, 2)
     if keyed and t > chunk:
         pair_boxes = torch.empty((t, 4), dtype=boxes.dtype, device=dev)
         pair_cls = torch.empty((t,), dtype=torch.int64, device=dev) if exact else None
@@ -762,7 +820,6 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
             out_cls_ptr=pair_cls if exact else placeholder, n=idx_n, total=t, s_bb=s_bb, s_bn=s_bn, s_bc=s_bc,
             s_cb=s_cb, s_cn=s_cn, EXACT=exact, BLOCK=block, num_warps=4)
         pair_strides, pair_cls_strides, pair_n, read_src = (4, 4, 1), (1, 1), 1, False
-        sorted_keep = _alloc((t,), torch.uint8, dev, poison, 2)
     pair = dict(boxes_ptr=pair_boxes, key_ptr=key if keyed else placeholder,
                 cls_ptr=pair_cls if pair_cls is not None else placeholder, thr_bits=thr_bits, n=pair_n,
                 s_bb=pair_strides[0], s_bn=pair_strides[1], s_bc=pair_strides[2], s_cb=pair_cls_strides[0],
@@ -771,7 +828,7 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
     for c0 in range(0, t, chunk):
         nc = min(chunk, t - c0)
         nw = triton.cdiv(nc, WORD_BITS)
-        chunk_removed = removed[c0 // chunk - 1] if c0 > 0 else removed
+        chunk_removed = removed[c0 // chunk] if t > window else removed
         if c0 > 0:
             # One program per (64 columns of the chunk, span of earlier rows).
             _nms_cross_kernel[(nw, triton.cdiv(c0, span))](
@@ -782,16 +839,28 @@ def _greedy(boxes: torch.Tensor, t: int, n: int, iou_threshold: float, keep: tor
         _nms_mask_kernel[(nw, triton.cdiv(nc, rows["mask"]))](
             **pair, src_ptr=src if read_src else placeholder, mask_ptr=mask, c0=c0, chunk_len=nc, ws=ws,
             SRC=read_src, ROWS=rows["mask"], num_warps=8, enable_fp_fusion=False)
-        # One program per 64-box block; only blocks where a run starts (and block 0) work.
-        _nms_reduce_kernel[(nw,)](
-            mask_ptr=mask, removed_ptr=chunk_removed, key_ptr=key if keyed else placeholder,
-            src_ptr=src if keyed else placeholder, cls_ptr=cls if cls is not None else placeholder,
-            valid_ptr=valid if valid is not None else placeholder, keep_ptr=keep, sorted_keep_ptr=sorted_keep,
-            rank_ptr=rank if rank is not None else placeholder, count_ptr=count if count is not None else placeholder,
-            c0=c0, chunk_len=nc, n=idx_n, ws=ws, s_cb=s_cb, s_cn=s_cn, s_vb=s_vb, s_vn=s_vn, W=w,
-            HAS_REMOVED=c0 > 0, KEYED=keyed, SORTED_KEEP=keyed and t > chunk, HAS_VALID=padded,
-            RANKS=rank is not None, SUB_ROWS=sub_rows, UNROLL=unroll, OR_BY_BITS=or_by_bits, PROBES=PROBES,
-            num_warps=REDUCE_WARPS[unroll])
+        for a in range(0, nc, window):
+            na = min(window, nc - a)
+            # One program per 64-box block of the window; only blocks where a run starts (and
+            # block 0) work. The window's bits and removed words are views starting at it.
+            _nms_reduce_kernel[(triton.cdiv(na, WORD_BITS),)](
+                mask_ptr=mask[a:, a // WORD_BITS:], removed_ptr=chunk_removed[a // WORD_BITS:] if t > window else mask,
+                key_ptr=key if keyed else placeholder, src_ptr=src if keyed else placeholder,
+                cls_ptr=cls if cls is not None else placeholder, valid_ptr=valid if valid is not None else placeholder,
+                keep_ptr=keep, sorted_keep_ptr=sorted_keep, rank_ptr=rank if rank is not None else placeholder,
+                count_ptr=count if count is not None else placeholder, c0=c0 + a, chunk_len=na, n=idx_n, ws=ws,
+                s_cb=s_cb, s_cn=s_cn, s_vb=s_vb, s_vn=s_vn, W=w, HAS_REMOVED=c0 + a > 0, KEYED=keyed,
+                SORTED_KEEP=keyed and t > window, HAS_VALID=padded, RANKS=rank is not None, SUB_ROWS=sub_rows,
+                UNROLL=unroll, OR_BY_BITS=or_by_bits, PROBES=PROBES, num_warps=REDUCE_WARPS[unroll])
+            if a + na < nc:
+                # One program per (64 later words of the chunk, ROWS rows of the window); 8 warps
+                # (at 4 the presorted variant spilled 8 bytes under Triton 3.6).
+                _nms_push_kernel[(triton.cdiv(nw - (a + na) // WORD_BITS, WORD_BITS), triton.cdiv(na, rows["push"]))](
+                    mask_ptr=mask, key_ptr=key if keyed else placeholder,
+                    cls_ptr=cls if cls is not None else placeholder, keep_ptr=sorted_keep,
+                    removed_ptr=chunk_removed, c0=c0, win_start=c0 + a, win_end=c0 + a + na, chunk_len=nc,
+                    n=idx_n, ws=ws, s_cb=s_cb, s_cn=s_cn, KEYED=keyed, ROWS=rows["push"], OR_BY_BITS=or_by_bits,
+                    num_warps=8)
 
 
 def _key_layout(b: int, idxs: torch.Tensor | None) -> tuple[int, int, bool]:
@@ -811,7 +880,8 @@ def _key_layout(b: int, idxs: torch.Tensor | None) -> tuple[int, int, bool]:
 
 def keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, idxs: torch.Tensor | None,
               valid: torch.Tensor | None, *, ranks: bool = False, max_chunk: int | None = None,
-              poison: bool = False, or_by_bits: bool | None = None, unroll: bool | None = None):
+              max_window: int | None = None, poison: bool = False, or_by_bits: bool | None = None,
+              unroll: bool | None = None):
     """Greedy NMS keep mask of a padded batch, in input order, with no host synchronisation.
 
     ``boxes``: Tensor[B, N, 4] (strided); ``scores``: float Tensor[B, N]; ``idxs``: optional
@@ -821,9 +891,10 @@ def keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, i
     elsewhere: a stable sort of it lists the kept boxes by decreasing score, ties in input
     order) and int32 Tensor[1] the number kept.
     Launches: key kernel, one ``torch.sort`` (two for fp64 scores), then ``_greedy`` (2 for
-    one chunk). ``max_chunk``: a power of two >= 64 (tests use small chunks to exercise the
-    cross-chunk pass). ``poison``: fill the outputs and scratch with values that fail the tests
-    if a kernel leaves them unwritten. ``or_by_bits``: how the reduce kernel ORs words (see
+    one window). ``max_chunk``, ``max_window``: powers of two >= 64 (tests use small chunks
+    and windows to exercise the cross-chunk pass and the push). ``poison``: fill the outputs
+    and scratch with values that fail the tests if a kernel leaves them unwritten.
+    ``or_by_bits``: how the reduce kernel ORs words (see
     ``_or_rows``); default: by bits under the interpreter, ``tl.reduce`` on the GPU.
     ``unroll``: see ``_greedy``.
     """
@@ -857,19 +928,19 @@ def keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, i
     sorted_key, src = torch.sort(key, stable=True)
     _greedy(boxes, t, n, iou_threshold, keep.view(torch.uint8), key=sorted_key, src=src,
             cls=idxs if exact else None, exact=exact, padded=valid is not None, valid=None, rank=rank, count=count,
-            max_chunk=max_chunk, poison=poison, or_by_bits=or_by_bits, unroll=unroll)
+            max_chunk=max_chunk, max_window=max_window, poison=poison, or_by_bits=or_by_bits, unroll=unroll)
     return (keep, rank, count) if ranks else keep
 
 
 def keep_mask_presorted(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor | None, iou_threshold: float,
-                        *, max_chunk: int | None = None, poison: bool = False,
+                        *, max_chunk: int | None = None, max_window: int | None = None, poison: bool = False,
                         or_by_bits: bool | None = None, unroll: bool | None = None) -> torch.Tensor:
     """``keep_mask`` for boxes already in the walk's order: along each image's row, ``groups``
     (integer Tensor[B, N]) is non-decreasing and the scores do not increase within a group.
 
     No key and no sort: the runs are the stretches of equal (image, group), positions are
     input positions, ``valid`` (bool Tensor[B, N] or None) is read in place. Launches: the
-    mask and reduce kernels (one chunk). Returns bool Tensor[B, N].
+    mask and reduce kernels (one window). Returns bool Tensor[B, N].
     """
     b, n = groups.shape
     t = b * n
@@ -881,5 +952,6 @@ def keep_mask_presorted(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.
         raise ValueError(f"NMS over {t} boxes: the kernels index positions in int32")
     _greedy(boxes, t, n, iou_threshold, keep.view(torch.uint8), key=None, src=None, cls=groups, exact=False,
             padded=valid is not None, valid=valid.view(torch.uint8) if valid is not None else None, rank=None,
-            count=None, max_chunk=max_chunk, poison=poison, or_by_bits=or_by_bits, unroll=unroll)
+            count=None, max_chunk=max_chunk, max_window=max_window, poison=poison, or_by_bits=or_by_bits,
+            unroll=unroll)
     return keep

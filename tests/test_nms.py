@@ -226,11 +226,12 @@ def test_keep_mask_batched_equals_per_image(backend, device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("chunk", [64, 128])
-def test_triton_chunks_write_everything(device, chunk):
-    """Small chunks force the cross-chunk pass and runs that span chunks; outputs and
-    scratch are poisoned, so a position left unwritten (or an unwritten mask word read)
-    shows. Two images, padding, and one class or three; sorted and presorted paths."""
+@pytest.mark.parametrize("chunk,window", [(64, None), (128, None), (None, 64), (256, 64)])
+def test_triton_chunks_write_everything(device, chunk, window):
+    """Small chunks force the cross-chunk pass and runs that span chunks, small windows the
+    push of each window's kept rows into the later columns; outputs and scratch are
+    poisoned, so a position left unwritten (or an unwritten mask word read) shows. Two
+    images, padding, and one class or three; sorted and presorted paths."""
     b, n = 2, 230
     boxes = torch.stack([box_set("clustered", n, 3 + i) for i in range(b)])
     scores = torch.stack([scores_for(n, 3 + i) for i in range(b)])
@@ -238,7 +239,7 @@ def test_triton_chunks_write_everything(device, chunk):
     valid = torch.rand(b, n, generator=g) > 0.1
     for idxs in (None, torch.randint(0, 3, (b, n), generator=g)):
         keep = keep_mask_triton(boxes.to(device), scores.to(device), 0.5, None if idxs is None else idxs.to(device),
-                                valid.to(device), max_chunk=chunk, poison=True)
+                                valid.to(device), max_chunk=chunk, max_window=window, poison=True)
         assert keep.dtype == torch.bool and keep.shape == (b, n)
         assert keep.view(torch.uint8).max() <= 1, "positions left unwritten"
         for i in range(b):
@@ -246,7 +247,7 @@ def test_triton_chunks_write_everything(device, chunk):
             cls = torch.zeros(n, dtype=torch.int64) if idxs is None else idxs[i]
             expected = v[tv_batched(boxes[i][v], scores[i][v], cls[v], 0.5)]
             assert set(keep[i].cpu().nonzero().squeeze(1).tolist()) == set(expected.tolist()), \
-                f"chunk={chunk} classes={idxs is not None} image {i}"
+                f"chunk={chunk} window={window} classes={idxs is not None} image {i}"
         # The same boxes presorted (by class, then decreasing score, per image).
         cls = torch.zeros(b, n, dtype=torch.int64) if idxs is None else idxs
         order = torch.stack([torch.sort(cls[i][torch.sort(scores[i], descending=True, stable=True).indices],
@@ -254,22 +255,24 @@ def test_triton_chunks_write_everything(device, chunk):
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices.gather(1, order)
         pre = keep_mask_presorted_triton(boxes.gather(1, order[..., None].expand(b, n, 4)).to(device),
                                          cls.gather(1, order).to(device), valid.gather(1, order).to(device), 0.5,
-                                         max_chunk=chunk, poison=True)
+                                         max_chunk=chunk, max_window=window, poison=True)
         assert pre.view(torch.uint8).max() <= 1, "presorted: positions left unwritten"
-        assert torch.equal(pre.cpu(), keep.cpu().gather(1, order)), f"presorted chunk={chunk}"
+        assert torch.equal(pre.cpu(), keep.cpu().gather(1, order)), f"presorted chunk={chunk} window={window}"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_triton_cross_chunk_spans(device):
-    """Long runs over many small chunks: every chunk's cross-chunk pass has one program per
-    (64 columns, earlier chunk), whose words are ORed together atomically; one class (every
-    span works), a few classes and 80 (most spans exit at once), against torchvision."""
+@pytest.mark.parametrize("chunk,window", [(64, None), (None, 64), (256, 64)])
+def test_triton_long_runs_over_chunks_and_windows(device, chunk, window):
+    """Long runs over many small chunks or windows: every chunk's cross-chunk pass has one
+    program per (64 columns, earlier chunk), every window's push one per (64 later words,
+    rows of the window), their words ORed together atomically; one class (every program
+    works), a few classes and 80 (most exit at once), against torchvision."""
     n = 700
     boxes, scores = box_set("clustered", n, 13), scores_for(n, 13, ties=True)
     for classes in (1, 3, 80):
         idxs = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(classes))
-        got = kept_indices_triton(boxes.to(device), scores.to(device), 0.5, idxs.to(device), max_chunk=64,
-                                  poison=True)
+        got = kept_indices_triton(boxes.to(device), scores.to(device), 0.5, idxs.to(device), max_chunk=chunk,
+                                  max_window=window, poison=True)
         assert_same_keep(got, tv_batched(boxes, scores, idxs, 0.5), scores, f"{classes} classes")
 
 
@@ -415,11 +418,11 @@ def test_keep_mask_presorted_matches_reference(device):
     expected = nms_keep_mask_ref(boxes, scores, 0.7, groups, valid)
     assert torch.equal(keep_mask_triton(boxes.to(device), scores.to(device), 0.7, groups.to(device),
                                         valid.to(device)).cpu(), expected)
-    for chunk in (None, 128):
+    for chunk, window in ((None, None), (128, None), (None, 64)):
         got = keep_mask_presorted_triton(boxes.to(device), groups.to(device), valid.to(device), 0.7, max_chunk=chunk,
-                                         poison=True)
+                                         max_window=window, poison=True)
         assert got.dtype == torch.bool and got.shape == groups.shape
-        assert torch.equal(got.cpu(), expected), f"chunk={chunk}"
+        assert torch.equal(got.cpu(), expected), f"chunk={chunk} window={window}"
     # No padding, one level per image, and levels not all present (groups 0, 2, 5).
     boxes, scores, groups, _ = rpn_like(2, 3, 50, 61)
     groups = torch.tensor([0, 2, 5]).repeat_interleave(50).expand(2, 150)
@@ -518,20 +521,24 @@ def test_keep_mask_launch_count(monkeypatch):
 
 @pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="counts launches through Triton's interpreter")
 def test_launch_count_at_full_sizes(monkeypatch):
-    """The host glue at 20k and 40k boxes, with the kernels recorded but not run: 20k boxes
-    are one chunk (4 launches, 5 for kept indices: one more sort, plus the count read at the
-    end); 40k boxes take chunks of 8192, 3 launches each after the first, one gather of the
-    sorted boxes and one zero fill of the words the cross-chunk programs OR into."""
+    """The host glue at 8192, 20k and 40k boxes, with the kernels recorded but not run: 8192
+    boxes are one window (4 launches, 5 for kept indices: one more sort, plus the count read
+    at the end); 20k boxes are one chunk of 3 windows of 8192, a push and a walk each after
+    the first; 40k boxes take chunks of 8192, 3 launches each after the first, and one
+    gather of the sorted boxes; past one window, one zero fill of the words the cross-chunk
+    and push programs OR into."""
     g = torch.Generator().manual_seed(9)
-    for n, chunks in ((20_000, 1), (40_000, 5)):
+    for n, chunks, windows in ((8192, 1, 1), (20_000, 1, 3), (40_000, 5, 5)):
         boxes, scores = random_boxes(n, 800.0, generator=g), torch.rand(n, generator=g)
         idxs = torch.randint(0, 80, (n,), generator=g)
         launches, names, _ = _launches(
             monkeypatch, lambda: keep_mask_triton(boxes[None], scores[None], 0.7, idxs[None], None), run_kernels=False)
-        several = 3 * (chunks - 1) + 2 * (chunks > 1)
+        several = 3 * (chunks - 1) + (chunks > 1) + 2 * (windows - chunks) + (windows > 1)
         assert len(launches) == 2 + 2 + several, launches
         assert launches.count("_nms_cross_kernel") == chunks - 1
-        assert launches.count("aten.zeros.default") == (chunks > 1)
+        assert launches.count("_nms_push_kernel") == windows - chunks
+        assert launches.count("_nms_reduce_kernel") == windows
+        assert launches.count("aten.zeros.default") == (windows > 1)
         assert not {"aten._local_scalar_dense", "aten.nonzero"} & set(names)
         launches, names, _ = _launches(monkeypatch, lambda: kept_indices_triton(boxes, scores, 0.7, idxs),
                                        run_kernels=False)
@@ -542,7 +549,7 @@ def test_launch_count_at_full_sizes(monkeypatch):
 @pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="records launches through Triton's interpreter")
 def test_reduce_widths_are_bucketed(monkeypatch):
     """The reduce kernel's W (a constexpr: one compiled variant each) is the smallest of
-    W_BUCKETS that holds a chunk: 3 variants per flag set from 1 box to past one chunk,
+    W_BUCKETS that holds a window: 2 variants per flag set from 1 box to past one chunk,
     instead of one per power of two (kernels recorded, not run)."""
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -556,7 +563,7 @@ def test_reduce_widths_are_bucketed(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
     g = torch.Generator().manual_seed(12)
-    expected = {5: 16, 1024: 16, 1025: 128, 8192: 128, 8193: 512, 32768: 512, 40000: 128}
+    expected = {5: 16, 1024: 16, 1025: 128, 8192: 128, 8193: 128, 32768: 128, 40000: 128}
     for n in expected:
         keep_mask_triton(random_boxes(n, 800.0, generator=g)[None], torch.rand(1, n, generator=g), 0.5, None, None)
     assert widths == {n: {w} for n, w in expected.items()}, widths

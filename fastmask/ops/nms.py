@@ -316,25 +316,26 @@ def _backend(backend: str | None, boxes: Tensor, op: str) -> str:
 
 
 def keep_mask_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None,
-                     valid: Tensor | None, *, max_chunk: int | None = None, poison: bool = False,
-                     or_by_bits: bool | None = None, unroll: bool | None = None) -> Tensor:
+                     valid: Tensor | None, *, max_chunk: int | None = None, max_window: int | None = None,
+                     poison: bool = False, or_by_bits: bool | None = None, unroll: bool | None = None) -> Tensor:
     """Bool Tensor[B, N] keep mask in input order of a padded batch, with no host sync.
 
     ``boxes``: Tensor[B, N, 4]; ``scores``, ``idxs`` (optional classes), ``valid`` (optional,
     False = padding): Tensor[B, N], any strides. Boxes suppress only boxes of their own image
-    and class. Device launches at up to 32768 boxes (8192 fp64 boxes): the sort-key kernel,
-    one ``torch.sort``, the mask and reduce kernels (4; 5 with fp64 scores, which are sorted
-    once more); no data-dependent shapes. ``max_chunk``, ``poison``, ``or_by_bits``,
-    ``unroll``: test hooks of ``fastmask.kernels.nms.keep_mask``.
+    and class. Device launches at up to 8192 boxes: the sort-key kernel, one ``torch.sort``,
+    the mask and reduce kernels (4; 5 with fp64 scores, which are sorted once more); past
+    8192, one zero fill and 2 more per further 8192 (see ``fastmask.kernels.nms``); no
+    data-dependent shapes. ``max_chunk``, ``max_window``, ``poison``, ``or_by_bits``, ``unroll``: test hooks
+    of ``fastmask.kernels.nms.keep_mask``.
     """
     from fastmask.kernels import nms as nms_kernels
 
-    return nms_kernels.keep_mask(boxes, scores, iou_threshold, idxs, valid, max_chunk=max_chunk, poison=poison,
-                                 or_by_bits=or_by_bits, unroll=unroll)
+    return nms_kernels.keep_mask(boxes, scores, iou_threshold, idxs, valid, max_chunk=max_chunk,
+                                 max_window=max_window, poison=poison, or_by_bits=or_by_bits, unroll=unroll)
 
 
 def kept_indices_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None, *,
-                        max_chunk: int | None = None, poison: bool = False) -> Tensor:
+                        max_chunk: int | None = None, max_window: int | None = None, poison: bool = False) -> Tensor:
     """int64 Tensor[K]: the indices ``nms`` / ``batched_nms`` keep, by decreasing score (equal
     scores: input order).
 
@@ -347,22 +348,23 @@ def kept_indices_triton(boxes: Tensor, scores: Tensor, iou_threshold: float, idx
 
     _, rank, count = nms_kernels.keep_mask(boxes[None], scores[None], iou_threshold,
                                            None if idxs is None else idxs[None], None, ranks=True,
-                                           max_chunk=max_chunk, poison=poison)
+                                           max_chunk=max_chunk, max_window=max_window, poison=poison)
     by_score = torch.sort(rank, stable=True).indices
     return by_score[:int(count.item())]  # host sync: the number of kept boxes
 
 
 def keep_mask_presorted_triton(boxes: Tensor, groups: Tensor, valid: Tensor | None, iou_threshold: float, *,
-                               max_chunk: int | None = None, poison: bool = False,
+                               max_chunk: int | None = None, max_window: int | None = None, poison: bool = False,
                                or_by_bits: bool | None = None, unroll: bool | None = None) -> Tensor:
     """``keep_mask_triton(boxes, scores, iou_threshold, groups, valid)`` for the RPN's candidates,
     with no sort: each image's row is already sorted by group (``groups``: int64 Tensor[B, N],
     non-decreasing along each row, e.g. the FPN level) and by non-increasing score inside each
     group (top-k per level, then a monotone sigmoid). Then the result is the same for any such
     scores, which are not needed. The precondition is not checked (that would cost launches).
-    Launches: the mask and reduce kernels only, at up to 32768 boxes in all.
+    Launches: the mask and reduce kernels only, at up to 8192 boxes in all.
     """
     from fastmask.kernels import nms as nms_kernels
 
-    return nms_kernels.keep_mask_presorted(boxes, groups, valid, iou_threshold, max_chunk=max_chunk, poison=poison,
-                                           or_by_bits=or_by_bits, unroll=unroll)
+    return nms_kernels.keep_mask_presorted(boxes, groups, valid, iou_threshold, max_chunk=max_chunk,
+                                           max_window=max_window, poison=poison, or_by_bits=or_by_bits,
+                                           unroll=unroll)

@@ -730,6 +730,8 @@ def _chunk_size(t: int, f64: bool, max_chunk: int | None) -> int:
 
 def _window(chunk: int, max_window: int | None) -> int:
     """Positions per reduce launch: a power of two >= 64 (tests use small windows)."""
+    if max_window is not None and (max_window % WORD_BITS or not WORD_BITS <= max_window <= WALK_WINDOW):
+        raise ValueError(f"max_window {max_window}: a multiple of {WORD_BITS} up to {WALK_WINDOW}")
     return min(chunk, WALK_WINDOW if max_window is None else max_window)
 
 

@@ -568,6 +568,10 @@ def test_reduce_widths_are_bucketed(monkeypatch):
         keep_mask_triton(random_boxes(n, 800.0, generator=g)[None], torch.rand(1, n, generator=g), 0.5, None, None)
     assert widths == {n: {w} for n, w in expected.items()}, widths
     assert set(expected.values()) == set(W_BUCKETS)
+    for bad in (96, 16384):  # windows the walk cannot take: not whole words, wider than W_BUCKETS
+        with pytest.raises(ValueError, match="max_window"):
+            keep_mask_triton(random_boxes(300, 800.0, generator=g)[None], torch.rand(1, 300, generator=g), 0.5, None,
+                             None, max_window=bad)
 
 
 # --------------------------------------------------------------------------- errors

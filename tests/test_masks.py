@@ -207,6 +207,100 @@ def test_kernel_writes_every_pixel(device, tile, threshold):
     assert 0 < expected.float().mean() < 1
 
 
+def flat_zero_boxes(h: int, w: int, seed: int) -> torch.Tensor:
+    """Every kind of zero region: mixed boxes (empty windows among them), a window as wide as the
+    image (no gaps between its rows), one covering the image (no zeros at all), one in the top-left
+    corner (nothing before it) and one in the bottom-right corner (nothing after it)."""
+    edges = torch.tensor([[3.0, 5, w - 4, h * 0.5], [-5.0, -5, w + 5, h + 5], [0.0, 0, 6, 4], [w - 7.0, h - 5, w, h]])
+    return torch.cat([mixed_boxes(8, h, w, seed), edges])
+
+
+def paste_poisoned(device, masks, boxes, image_size, *, offset: int, threshold=None, local_size=None, **launch):
+    """``paste_masks_fwd`` into an output filled with NaN (or byte 7), ``offset`` elements past the
+    start of its buffer: a canvas that starts off a 16-byte boundary."""
+    n = masks.shape[0]
+    h, w = local_size or image_size
+    dtype = masks.dtype if threshold is None else torch.bool
+    buf = torch.empty(n * h * w + offset, dtype=dtype, device=device)
+    if threshold is None:
+        buf.fill_(float("nan"))
+    else:
+        buf.view(torch.uint8).fill_(7)
+    out = buf[offset:].view(n, h, w)
+    paste_masks_fwd(masks, boxes, image_size, threshold=threshold, local_size=local_size, out=out, **launch)
+    return out
+
+
+# A launch that splits the canvases otherwise than the defaults (one program per canvas in the
+# interpreter): 3 programs per canvas, zeros in steps of 64 elements (32 per gap), several tiles.
+SPLIT_LAUNCH = dict(parts=3, flat_block=128, gap_rows=4, block_h=16, block_w=32)
+
+
+def gpu_launch_shape(monkeypatch):
+    """Launch with the GPU's shapes (tiles, steps, programs per canvas) in the interpreter too."""
+    import fastmask.kernels._common
+
+    monkeypatch.setattr(fastmask.kernels._common, "FORCE_GPU_LAUNCH", True)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_kernel_flat_zeros(device, dtype, monkeypatch):
+    """The zeros outside each window are flat ranges written in aligned 16-byte vectors (4 fp32,
+    8 fp16, 2 fp64) plus their unaligned ends. Poisoned 37 x 53 outputs (each canvas starts at
+    another offset from a vector boundary), also at an odd offset in their buffer, in several
+    launch shapes: every element equals the reference's within rounding and the default
+    launch's bit for bit."""
+    h, w = 37, 53
+    boxes = flat_zero_boxes(h, w, 13).to(device)
+    masks = random_masks(boxes.shape[0], 28, 13, dtype=dtype, logits=True)[:, 0].to(device)
+    ref = paste_masks_ref(masks.cpu(), boxes.cpu(), (h, w))[:, 0]
+    default = paste_poisoned(device, masks, boxes, (h, w), offset=0)
+    assert_close_verbose(default.cpu(), ref, *TOL[dtype], f"{dtype} paste, poisoned")
+    split = paste_poisoned(device, masks, boxes, (h, w), offset=3, **SPLIT_LAUNCH)
+    assert torch.equal(split, default), f"{dtype}: split launch at offset 3 differs from the default launch"
+    gpu_launch_shape(monkeypatch)
+    assert torch.equal(paste_poisoned(device, masks, boxes, (h, w), offset=1), default), f"{dtype}: GPU launch"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("threshold", [0.5, -0.25])
+def test_kernel_flat_zeros_bool(device, threshold, monkeypatch):
+    """As ``test_kernel_flat_zeros`` for bool output (16 per vector; with a negative threshold the
+    outside value is True), full-image and box-local canvases."""
+    h, w = 37, 53
+    boxes = flat_zero_boxes(h, w, 14).to(device)
+    masks = random_masks(boxes.shape[0], 28, 14, logits=True)[:, 0].to(device)
+    values = paste_masks_ref(masks.cpu(), boxes.cpu(), (h, w))[:, 0]
+    default = paste_poisoned(device, masks, boxes, (h, w), threshold=threshold, offset=0)
+    assert default.view(torch.uint8).max() <= 1, "unwritten bool pixels"
+    differ = default.cpu() != (values > threshold)
+    assert ((values[differ] - threshold).abs() < 1e-5).all(), f"{int(differ.sum())} pixels differ from the reference"
+    assert 0 < default.float().mean() < 1
+    split = paste_poisoned(device, masks, boxes, (h, w), threshold=threshold, offset=5, **SPLIT_LAUNCH)
+    assert torch.equal(split, default), "split launch at offset 5 differs from the default launch"
+    # Box-local slabs: the crop of the full canvas inside the window, the outside value beyond.
+    windows = paste_masks_in_boxes_ref(masks.cpu(), boxes.cpu(), image_size=(h, w)).windows
+    slab = (int((windows[:, 3] - windows[:, 1]).max()), int((windows[:, 2] - windows[:, 0]).max()))
+    expected = torch.full((len(boxes), *slab), 0 > threshold)
+    for i, (x0, y0, x1, y1) in enumerate(windows.tolist()):
+        expected[i, :y1 - y0, :x1 - x0] = default[i, y0:y1, x0:x1].cpu()
+    for offset, launch in ((0, {}), (9, SPLIT_LAUNCH)):
+        local = paste_poisoned(device, masks, boxes, (h, w), threshold=threshold, local_size=slab, offset=offset,
+                               **launch)
+        assert torch.equal(local.view(torch.uint8).cpu(), expected.view(torch.uint8)), f"box-local, {launch}"
+    gpu_launch_shape(monkeypatch)
+    out = paste_poisoned(device, masks, boxes, (h, w), threshold=threshold, offset=1)
+    assert torch.equal(out, default), "GPU launch"
+
+
+def test_kernel_out_must_be_contiguous():
+    """The zeros are flat ranges of each canvas, so the output must be one contiguous block."""
+    masks, boxes = random_masks(2, 28, 15)[:, 0], mixed_boxes(2, 20, 24, 15)
+    with pytest.raises(ValueError, match="contiguous"):
+        paste_masks_fwd(masks, boxes, (20, 24), out=torch.zeros(2, 24, 20).transpose(1, 2))
+
+
 # --------------------------------------------------------------------------- box-local output
 
 
@@ -225,7 +319,7 @@ def test_kernel_64_bit_offsets_and_limits(device):
     got = paste_masks_fwd(masks, boxes, (40, 56))
     assert torch.equal(got, paste_masks_fwd(masks.contiguous(), boxes, (40, 56)))
     assert got.abs().sum() > 0
-    with pytest.raises(ValueError, match="2\\*\\*31 pixels per canvas"):
+    with pytest.raises(ValueError, match="2\\*\\*31 - 64 pixels per canvas"):
         paste_masks(masks[:, None], boxes, (2**16, 2**15), backend="triton")
 
 

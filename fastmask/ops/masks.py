@@ -24,8 +24,9 @@ weights per row inside the window and zero rows elsewhere (the padding taps are 
 rather than padding the masks). It reads the ``N * M * M`` mask values and writes
 ``N * H * W`` outputs, but also does ``2 * N * H * W * M`` multiply-adds and, with a
 threshold, makes a float image before comparing. The Triton kernel writes every output
-pixel once, straight to bool when a threshold is given, and skips the interpolation on tiles
-outside the box: its floor is the write of ``N * H * W`` output elements.
+pixel once, straight to bool when a threshold is given; it interpolates only inside each box's
+window and writes the rest of the image, most of it, as flat ranges of zeros in 16-byte
+vectors: its floor is the write of ``N * H * W`` output elements.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size, padding: int = 1, thre
         backend: None, "auto", "triton" or "torch" (see ``fastmask.ops``).
 
     Limits: the reference takes any size (in chunks of ``REF_CHUNK_PIXELS``); the Triton
-    kernel any number of masks, but fewer than 2**31 pixels per canvas (ValueError beyond).
+    kernel any number of masks, but fewer than 2**31 - 64 pixels per canvas (ValueError beyond).
 
     Returns Tensor[N, 1, H, W] in the masks' dtype (bool with a threshold). Without a
     threshold it equals torchvision's result within float rounding; a box wholly outside

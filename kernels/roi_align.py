@@ -212,18 +212,34 @@ def _taps(coord, size):
 
 @triton.jit
 def _columns(pid, K, C, PH: tl.constexpr, PW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-             BLOCK_C: tl.constexpr):
-    """A program's columns (RoI k, bin p) and channels. Channel blocks vary fastest, then bin
-    blocks, so the programs of one RoI run side by side and share its feature rows in cache."""
-    NUM_PB: tl.constexpr = (PH * PW + BLOCK_P - 1) // BLOCK_P
-    num_cb = tl.cdiv(C, BLOCK_C)
-    cb = pid % num_cb
-    rest = pid // num_cb
-    q = tl.arange(0, BLOCK_R * BLOCK_P)
-    k = (rest // NUM_PB) * BLOCK_R + q // BLOCK_P
-    p = (rest % NUM_PB) * BLOCK_P + q % BLOCK_P
-    col_ok = (k < K) & (p < PH * PW)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+             BLOCK_C: tl.constexpr, LAYOUT: tl.constexpr):
+    """A program's columns (RoI k, bin p) and channels.
+
+    LAYOUT 0 and 1 (a tile of columns x channels): channel blocks vary fastest, then bin
+    blocks, so the programs of one RoI run side by side and share its feature rows in cache;
+    ``offs_c`` is the tile's BLOCK_C channels. LAYOUT 2 (flat): one RoI per program, whose
+    C x PH x PW (channel, bin) elements are cut into runs of BLOCK_P; column q is element q of
+    the run and ``offs_c`` its channel, per column. Every lane works wherever BLOCK_P divides
+    C x PH x PW (at 256 channels, any power of two up to 256), where a tile of bins idles the
+    lanes past PH x PW (15 of 64 at 7x7).
+    """
+    if LAYOUT == 2:
+        num_runs = tl.cdiv(C * (PH * PW), BLOCK_P)
+        e = (pid % num_runs) * BLOCK_P + tl.arange(0, BLOCK_P)
+        k = pid // num_runs + e * 0
+        p = e % (PH * PW)
+        offs_c = e // (PH * PW)
+        col_ok = (k < K) & (e < C * (PH * PW))
+    else:
+        NUM_PB: tl.constexpr = (PH * PW + BLOCK_P - 1) // BLOCK_P
+        num_cb = tl.cdiv(C, BLOCK_C)
+        cb = pid % num_cb
+        rest = pid // num_cb
+        q = tl.arange(0, BLOCK_R * BLOCK_P)
+        k = (rest // NUM_PB) * BLOCK_R + q // BLOCK_P
+        p = (rest % NUM_PB) * BLOCK_P + q % BLOCK_P
+        col_ok = (k < K) & (p < PH * PW)
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     return k, p, col_ok, offs_c
 
 
@@ -234,15 +250,16 @@ def _columns(pid, K, C, PH: tl.constexpr, PW: tl.constexpr, BLOCK_R: tl.constexp
 def _roi_align_fwd_kernel(
     out_ptr, rois_ptr, desc_ptr, K,
     feat0, feat1, feat2, feat3, feat4,
-    out_stride_k, out_stride_c, out_stride_h, out_stride_w,
     N, C, canonical_scale, canonical_level, k_min, k_max,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BINS_INNER: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LAYOUT: tl.constexpr,
+    OUT_CL: tl.constexpr,
 ):
     """RoI Align forward over all levels in one launch.
 
-    out_ptr: Tensor[K, C, PH, PW] (strides out_stride_*); every element is written.
+    out_ptr: Tensor[K, C, PH, PW], contiguous, or channels-last when OUT_CL; every element is
+        written.
     rois_ptr: Tensor[K, 5], contiguous rows (batch_index, x1, y1, x2, y2); their dtype (fp32, or
         fp64 for fp64 features) is the compute and accumulation dtype.
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS] (offsets 0).
@@ -251,9 +268,11 @@ def _roi_align_fwd_kernel(
         unused levels repeat level 0.
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C channels).
     """
-    Q_AXIS: tl.constexpr = 0 if BINS_INNER else 1  # where expand_dims puts the column axis
-    C_AXIS: tl.constexpr = 1 - Q_AXIS
-    k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C)
+    # Axes of the [channels, columns] (LAYOUT 1, 2: bins fastest) or [columns, channels] tile;
+    # flat runs (LAYOUT 2) hold one channel per column: a [1, BLOCK_P] tile.
+    Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1  # where expand_dims puts the column axis
+    C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
+    k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C, LAYOUT)
     b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
                                         NUM_LEVELS)
     if BLOCK_R == 1:  # one RoI: select its level by a scalar, which keeps pointer alignment known
@@ -288,7 +307,9 @@ def _roi_align_fwd_kernel(
         n_y = tl.max(tl.where(col_ok, grid_h, 0), axis=0)
         n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
 
-    if BINS_INNER:
+    if LAYOUT == 2:
+        acc = tl.zeros((1, BLOCK_P), x1.dtype)
+    elif LAYOUT == 1:
         acc = tl.zeros((BLOCK_C, BLOCK_R * BLOCK_P), x1.dtype)
     else:
         acc = tl.zeros((BLOCK_R * BLOCK_P, BLOCK_C), x1.dtype)
@@ -318,8 +339,13 @@ def _roi_align_fwd_kernel(
     acc = div_rn(acc, tl.expand_dims(count, Q_AXIS))
 
     # Write the tile once, in the output's dtype (zeros for masked-out RoIs).
-    out_col = k.to(tl.int64) * out_stride_k + (p // PW) * out_stride_h + (p % PW) * out_stride_w
-    out_ptrs = out_ptr + tl.expand_dims(out_col, Q_AXIS) + tl.expand_dims(offs_c * out_stride_c, C_AXIS)
+    if OUT_CL:
+        out_col = k.to(tl.int64) * (PH * PW * C) + p * C
+        out_chan = offs_c
+    else:  # in the flat layout, a run of contiguous elements
+        out_col = k.to(tl.int64) * (PH * PW * C) + p
+        out_chan = offs_c * (PH * PW)
+    out_ptrs = out_ptr + tl.expand_dims(out_col, Q_AXIS) + tl.expand_dims(out_chan, C_AXIS)
     out_mask = tl.expand_dims((k < K) & (p < PH * PW), Q_AXIS) & c_ok
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -334,7 +360,7 @@ def _roi_align_bwd_kernel(
     N, C, canonical_scale, canonical_level, k_min, k_max,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BINS_INNER: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     """RoI Align backward over all levels in one launch, by atomic adds in the RoIs' dtype.
 
@@ -347,9 +373,9 @@ def _roi_align_bwd_kernel(
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C
     channels), as the forward.
     """
-    Q_AXIS: tl.constexpr = 0 if BINS_INNER else 1
-    C_AXIS: tl.constexpr = 1 - Q_AXIS
-    k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C)
+    Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1
+    C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
+    k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C, LAYOUT)
     b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
                                         NUM_LEVELS)
     if BLOCK_R == 1:  # one RoI: select its level by a scalar (uniform loads of its descriptor row)
@@ -745,45 +771,51 @@ def _fwd_plan(features, scales, f64: bool, device: torch.device):
     return desc, host, align, c_contig, all(is_channels_last(f) for f in features), index_64
 
 
-def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_last: bool, f64: bool = False,
-                 block_r=None, block_p=None, block_c=None):
-    """(BLOCK_R, BLOCK_P, BLOCK_C, num_warps) for the forward and atomic backward kernels.
+# GPU NCHW: (channel, bin) elements per program of the flat layout (see ``_tile_config``).
+FLAT_RUN = 256
 
-    GPU, channels-last: one program per (RoI, bin) with a contiguous vector of up to 256
-    channels, 2 warps. GPU, NCHW: one RoI's bins (up to 1024) times as many channels as make
-    1024 elements, 8 warps (4 elements per thread). Compiled for sm_90, 2048-element tiles
-    on 4 warps (16 per thread) needed 164 registers with Triton 3.9 but 255 and a 24-byte
-    spill stack with Triton 3.6; at 4 elements per thread both stay near 100, no spills.
-    fp64 (``f64``, gradcheck's dtype) takes NCHW tiles of half as many elements on as many
-    warps (an fp64 value is two registers). Interpreter (CPU): each operation costs the same
-    whatever the block, so a program takes up to 32 whole RoIs with all their channels (up to 64).
+
+def _tile_config(device: torch.device, k: int, c: int, n_bins: int, channels_last: bool, f64: bool = False,
+                 block_r=None, block_p=None, block_c=None, layout=None):
+    """(BLOCK_R, BLOCK_P, BLOCK_C, num_warps, LAYOUT) for the forward and atomic backward kernels.
+
+    GPU, channels-last (LAYOUT 0): one program per (RoI, bin) with a contiguous vector of up
+    to 256 channels, 2 warps. GPU, NCHW (LAYOUT 2, flat): one RoI per program, runs of
+    FLAT_RUN of its (channel, bin) elements, one per thread (two per thread took twice the
+    registers). fp64 (``f64``, gradcheck's dtype) takes runs half as long. Interpreter
+    (CPU, LAYOUT 1 or 0): each operation costs the same whatever the block, so a program
+    takes up to 32 whole RoIs with all their channels (up to 64). The register counts behind
+    these shapes: benchmarks/NOTES.md, RoI Align.
     """
     if not gpu_launch(device):
-        br, bp, bc = min(32, _pow2(max(k, 1))), _pow2(n_bins), min(64, _pow2(c))
+        br, bp, bc, lay = min(32, _pow2(max(k, 1))), _pow2(n_bins), min(64, _pow2(c)), 0 if channels_last else 1
     elif channels_last:
-        br, bp, bc = 1, 1, min(256, _pow2(c))
+        br, bp, bc, lay = 1, 1, min(256, _pow2(c)), 0
     else:
-        br, bp = 1, min(1024, _pow2(n_bins))
-        bc = max(1, min(_pow2(c), (512 if f64 else 1024) // bp))
+        br, bp, bc, lay = 1, FLAT_RUN // 2 if f64 else FLAT_RUN, 1, 2
     br, bp, bc = block_r or br, block_p or bp, block_c or bc
-    warps = max(1, min(8, br * bp * bc // (64 if f64 else 128)))
-    return br, bp, bc, warps
+    lay = lay if layout is None else layout
+    if lay == 2:
+        warps = max(1, min(8, bp // 32))
+    else:
+        warps = max(1, min(8, br * bp * bc // (64 if f64 else 128)))
+    return br, bp, bc, warps, lay
 
 
 def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size: tuple[int, int],
                   scales: list[float], sampling_ratio: int, aligned: bool, *, canonical_scale: float = 224.0,
                   canonical_level: int = 4, k_min: int = 0, k_max: int = 0, out: torch.Tensor | None = None,
                   block_r: int | None = None, block_p: int | None = None,
-                  block_c: int | None = None) -> torch.Tensor:
+                  block_c: int | None = None, layout: int | None = None) -> torch.Tensor:
     """RoI Align over ``features`` (one Tensor[N, C, H_l, W_l] per level, finest first).
 
     ``rois``: Tensor[K, 5], contiguous, fp32 (fp64 for fp64 features: the compute dtype).
     With one level every RoI is pooled from it; with several, each RoI's level is computed in
     the kernel (canonical_scale/level, clamped to [k_min, k_max]). Returns Tensor[K, C, PH, PW] in
-    the features' dtype, channels-last when the features are. ``out``: a preallocated output (any
-    strides), e.g. NaN-filled by tests.
-    ``block_r``/``block_p``/``block_c``: override the block shape (tests run the GPU's shape
-    through the interpreter with them).
+    the features' dtype, channels-last when the features are. ``out``: a preallocated output
+    (contiguous or channels-last), e.g. NaN-filled by tests.
+    ``block_r``/``block_p``/``block_c``/``layout``: override the block shape and layout (tests
+    run the GPU's through the interpreter with them).
     """
     f0 = features[0]
     n, c = f0.shape[:2]
@@ -803,22 +835,30 @@ def roi_align_fwd(features: list[torch.Tensor], rois: torch.Tensor, output_size:
         out = torch.empty((k, c, ph, pw), dtype=f0.dtype, device=device, memory_format=fmt)
     if k == 0 or c == 0:
         return out
-    br, bp, bc, warps = _tile_config(device, k, c, ph * pw, channels_last, f64, block_r, block_p, block_c)
+    out_cl = not out.is_contiguous()
+    if out_cl and not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("roi_align_fwd: out must be contiguous or channels-last")
+    br, bp, bc, warps, layout = _tile_config(device, k, c, ph * pw, channels_last, f64, block_r, block_p, block_c,
+                                             layout)
     feats = list(features) + [f0] * (MAX_LEVELS - len(features))
-    so = out.stride()
-    # Grid: one program per (RoI block, bin block, channel block).
-    grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
-    _check_grid(grid[0], k)
+    grid = (_grid_size(k, c, ph * pw, br, bp, bc, layout),)
     _roi_align_fwd_kernel[grid](
         out, rois, desc, k,
         feats[0], feats[1], feats[2], feats[3], feats[4],
-        so[0], so[1], so[2], so[3],
         n, c, float(canonical_scale), float(canonical_level), int(k_min), int(k_max),
         PH=ph, PW=pw, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), NUM_LEVELS=len(features),
         STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
-        BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not channels_last, num_warps=warps,
+        BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, LAYOUT=layout, OUT_CL=out_cl, num_warps=warps,
     )
     return out
+
+
+def _grid_size(k: int, c: int, n_bins: int, br: int, bp: int, bc: int, layout: int) -> int:
+    """Programs of the forward / atomic backward: per (RoI block, bin block, channel block), or
+    per (RoI, run of BLOCK_P (channel, bin) elements) in the flat layout; at most 2**31 - 1."""
+    programs = k * _cdiv(c * n_bins, bp) if layout == 2 else _cdiv(k, br) * _cdiv(n_bins, bp) * _cdiv(c, bc)
+    _check_grid(programs, k)
+    return programs
 
 
 def _check_grid(programs: int, k: int) -> None:
@@ -935,7 +975,7 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
                   sampling_ratio: int, aligned: bool, *, canonical_scale: float = 224.0, canonical_level: int = 4,
                   k_min: int = 0, k_max: int = 0, deterministic: bool = False, grad_dtype: torch.dtype | None = None,
                   out: torch.Tensor | None = None, block_r: int | None = None, block_p: int | None = None,
-                  block_c: int | None = None) -> list[torch.Tensor]:
+                  block_c: int | None = None, layout: int | None = None) -> list[torch.Tensor]:
     """Gradients of RoI Align w.r.t. every level, in one launch (plus one cast for fp16/bf16).
 
     ``grad_out``: Tensor[K, C, PH, PW], any strides; ``shapes``: each level's (N, C, H, W);
@@ -982,17 +1022,16 @@ def roi_align_bwd(grad_out: torch.Tensor, rois: torch.Tensor, shapes: list[tuple
             num_warps=8 if gpu_launch(device) else 4,
         )
     elif total and k:
-        br, bp, bc, warps = _tile_config(device, k, c, ph * pw, c_contig, f64, block_r, block_p, block_c)
-        # Grid: one program per (RoI block, bin block, channel block), as the forward.
-        grid = (_cdiv(k, br) * _cdiv(ph * pw, bp) * _cdiv(c, bc),)
-        _check_grid(grid[0], k)
+        br, bp, bc, warps, layout = _tile_config(device, k, c, ph * pw, c_contig, f64, block_r, block_p, block_c,
+                                                 layout)
+        grid = (_grid_size(k, c, ph * pw, br, bp, bc, layout),)
         _roi_align_bwd_kernel[grid](
             out, grad_out, rois, desc, k,
             gs[0], gs[1], gs[2], gs[3],
             n, c, float(canonical_scale), float(canonical_level), int(k_min), int(k_max),
             PH=ph, PW=pw, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), NUM_LEVELS=len(shapes),
             STRIDE_ALIGN=align, C_CONTIG=c_contig, INDEX_64=index_64,
-            BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, BINS_INNER=not c_contig, num_warps=warps,
+            BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc, LAYOUT=layout, num_warps=warps,
         )
     flat = out if grad_dtype in (None, out.dtype) else out.to(grad_dtype)
     return [flat[o:o + s[0] * s[1] * s[2] * s[3]].as_strided(tuple(s), st)

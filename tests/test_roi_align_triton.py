@@ -251,12 +251,16 @@ def test_every_output_written(device, layout):
     k_min, k_max = level_range(scales)
     out_size = (2, 2)
     expected = tv_multiscale([f.cpu() for f in feats], [b.cpu() for b in boxes], out_size, 2)
-    block_p, block_c = (1, None) if layout == "channels_last" else (None, 8)  # NCHW: 2 channel blocks
-    for block_r, block_c in ((1, block_c), (None, None)):
+    # GPU shapes: channels-last one bin per program; NCHW flat runs of 32 (channel, bin)
+    # elements (12 x 4 per RoI: one run full, one partial), and a tile of 2 channel blocks.
+    if layout == "channels_last":
+        shapes = [dict(block_r=1, block_p=1), {}]
+    else:
+        shapes = [dict(block_r=1, block_p=32, layout=2), dict(block_r=1, block_c=8), {}]
+    for shape in shapes:
         out = torch.full((rois.shape[0], 12, *out_size), float("nan"), device=device)
-        roi_align_fwd(feats, rois, out_size, scales, 2, False, k_min=k_min, k_max=k_max, out=out,
-                      block_r=block_r, block_p=block_p, block_c=block_c)
-        assert_close_verbose(out.cpu(), expected, *TOL[torch.float32], what=f"forward block_r={block_r}")
+        roi_align_fwd(feats, rois, out_size, scales, 2, False, k_min=k_min, k_max=k_max, out=out, **shape)
+        assert_close_verbose(out.cpu(), expected, *TOL[torch.float32], what=f"forward {shape}")
     # The deterministic backward writes every element of its buffer (zeros where no RoI reaches).
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(20)).to(device)
     shapes = [tuple(f.shape) for f in feats]
@@ -269,6 +273,34 @@ def test_every_output_written(device, layout):
                             deterministic=True, out=buf, block_r=block_r)
         for i, (a, b) in enumerate(zip(got, ref)):
             assert_close_verbose(a.cpu(), b.cpu(), *TOL[torch.float32], what=f"det block_r={block_r} level {i}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "permuted"])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_flat_layout_matches_torchvision(device, layout, sampling_ratio):
+    """The GPU's NCHW layout (one RoI per program, runs of (channel, bin) elements) through the
+    interpreter: forward and atomic backward against torchvision, runs that straddle channels
+    and RoIs' ends (12 channels x 9 bins = 108 = 3 runs of 32 + 12)."""
+    from fastmask.kernels.roi_align import roi_align_bwd, roi_align_fwd
+
+    feats = make_pyramid(2, 12, 3, layout, seed=31, device=device)
+    boxes = [pyramid_boxes(2, IMAGE_SIZES[0], 32, device), pyramid_boxes(1, IMAGE_SIZES[1], 33, device)]
+    rois = boxes_to_rois(boxes).float().contiguous()
+    scales = infer_scales([f.shape[-2:] for f in feats], IMAGE_SIZES)
+    k_min, k_max = level_range(scales)
+    leaves = [f.detach().cpu().requires_grad_() for f in feats]
+    expected = tv_multiscale(leaves, [b.cpu() for b in boxes], (3, 3), sampling_ratio)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(34))
+    expected.backward(grad)
+    out = torch.full(expected.shape, float("nan"), device=device)
+    roi_align_fwd(feats, rois, (3, 3), scales, sampling_ratio, False, k_min=k_min, k_max=k_max, out=out,
+                  block_r=1, block_p=32, layout=2)
+    assert_close_verbose(out.cpu(), expected.detach(), *TOL[torch.float32], what="forward")
+    got = roi_align_bwd(grad.to(device), rois, [tuple(f.shape) for f in feats], [False] * 3, (3, 3), scales,
+                        sampling_ratio, False, k_min=k_min, k_max=k_max, block_r=1, block_p=32, layout=2)
+    for i, (a, b) in enumerate(zip(got, leaves)):
+        assert_close_verbose(a.cpu(), b.grad, *TOL[torch.float32], what=f"backward level {i}")
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -24,6 +24,12 @@ launch shapes (``.ci/oldest.txt``); a spill is a performance defect, and registe
 changes with each Triton release, so under any other release the spills are reported as a
 warning instead of failing a user's install. No GPU is needed: Triton brings its own
 assembler and cuobjdump. What this cannot show (timing, numerics) is for the CUDA tests.
+
+Every variant's registers, spill stack, shared memory and the blocks of it an H100/H200 SM
+holds (occupancy) go into a table (``FASTMASK_COMPILE_REPORT=FILE`` writes it as FILE, JSON,
+and FILE with ``.md``: the tables of benchmarks/NOTES.md). The variants the model launches
+(256 channels, fp32/fp16/bf16) have a register budget per kernel (``REGISTER_BUDGET``):
+under Triton 3.6 a model variant above its kernel's budget fails the test.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 from helpers import pyramid_boxes, random_boxes
 
 from fastmask import ops
+from fastmask.kernels import nms as nms_kernels
 from fastmask.ops.boxes import per_row_image_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +59,36 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 GATED_TRITON = "3.6"
 # Launch keywords that are compiler options, not kernel arguments.
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
+# Registers per thread a variant on the model's path may take under Triton 3.6, per kernel:
+# the budgets the kernels are held to (benchmarks/NOTES.md gives each kernel's figures and
+# the occupancy they allow); a change that needs more must raise the budget here, in view.
+REGISTER_BUDGET = {
+    "_roi_align_fwd_kernel": 64,  # at most 64: four 8-warp blocks per SM
+    "_roi_align_bwd_kernel": 64,
+    "_roi_align_bin_kernel": 40,
+    "_roi_align_bwd_det_kernel": 80,
+    "_nms_key_kernel": 56,
+    "_nms_gather_kernel": 32,
+    "_nms_mask_kernel": 176,
+    "_nms_cross_kernel": 80,
+    "_nms_push_kernel": 104,
+    "_nms_reduce_kernel": 255,
+    "_decode_boxes_kernel": 32,
+    "_rpn_candidates_kernel": 104,
+    "_paste_masks_kernel": 48,
+}
+# An H100/H200 SM (sm_90): registers, warps, resident blocks, shared memory (bytes).
+SM90 = {"registers": 65536, "warps": 64, "blocks": 32, "shared": 228 * 1024}
+
+
+def blocks_per_sm(regs: int, warps: int, shared: int) -> int:
+    """Blocks of a kernel one sm_90 SM holds at once: registers are allocated per warp in units
+    of 256 (8 per thread), warps and blocks are capped, shared memory (1 KiB reserved per
+    block) bounds the rest."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM90["registers"] // (per_warp * warps)
+    by_shared = SM90["shared"] // (shared + 1024) if shared else SM90["blocks"]
+    return min(SM90["blocks"], SM90["warps"] // warps, by_regs, by_shared)
 
 
 def _is_constexpr(annotation) -> bool:
@@ -88,11 +125,15 @@ def _runtime_value(name: str, value) -> tuple[dict, tuple]:
     raise TypeError(f"argument {name} of unexpected type {type(value).__name__}")
 
 
+# Whether the launches being recorded are the model's (the drivers set it).
+state = {"model": True}
+
+
 @pytest.fixture
 def recorded(monkeypatch):
     """Kernel launches with the GPU's launch shapes, recorded (not run) as
-    ``{module, kernel, args, options}``, one per distinct specialisation; outputs stay
-    zero."""
+    ``{module, kernel, args, options, model}``, one per distinct specialisation (``model``:
+    launched by a model-shaped call, in fp32/fp16/bf16); outputs stay zero."""
     import inspect
 
     from triton.runtime.interpreter import InterpretedFunction
@@ -100,6 +141,7 @@ def recorded(monkeypatch):
     import fastmask.kernels._common
 
     monkeypatch.setattr(fastmask.kernels._common, "FORCE_GPU_LAUNCH", True)
+    state["model"] = True
     # Kernels do not run, so the buffers they would fill are zeroed instead of left
     # uninitialised (the ops' own checks would otherwise see whatever memory held).
     for name in ("empty", "empty_like"):
@@ -121,8 +163,12 @@ def recorded(monkeypatch):
             else:
                 values[name], k = _runtime_value(name, bound[name])
                 key.append(k)
-        rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": values, "options": options}
-        records.setdefault(json.dumps([rec["module"], rec["kernel"], key, options], sort_keys=True, default=str), rec)
+        model = state["model"] and not any(v.get("tensor") == "float64" for v in values.values())
+        rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": values, "options": options,
+               "model": False}
+        rec = records.setdefault(json.dumps([rec["module"], rec["kernel"], key, options], sort_keys=True,
+                                            default=str), rec)
+        rec["model"] |= model
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
     return records
@@ -133,6 +179,7 @@ def _drive_roi_align():
     shapes = [(13, 17), (7, 9), (4, 5), (2, 3)]
     # 256 channels (the model's) at batch 1 and 2, and the CUDA tests' small channel counts.
     for channels, batch in ((256, 1), (256, 2), (16, 2), (8, 1)):
+        state["model"] = channels == 256
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for channels_last in (False, True):
                 feats = [torch.randn(batch, channels, h, w, generator=g).to(dtype) for h, w in shapes]
@@ -144,6 +191,7 @@ def _drive_roi_align():
                     out = ops.multiscale_roi_align(feats, boxes, size, [(52, 68)] * batch, backend="triton",
                                                    deterministic=deterministic)
                     out.float().sum().backward()
+    state["model"] = False  # below: single-level RoI Align, the CUDA tests' shapes
     single = torch.randn(1, 8, 11, 13, generator=g, requires_grad=True)
     rois = torch.cat([torch.zeros(4, 1), random_boxes(4, 40.0, generator=g)], 1)
     for aligned, ratio in ((False, -1), (True, 2)):
@@ -165,13 +213,15 @@ def _drive_roi_align():
     ops.roi_align(odd, rois, (4, 5), 1.0, 3, False, backend="triton").sum().backward()
     # One RoI: K == 1 is specialised as a constant where the kernel lets it be.
     ops.roi_align(single, rois[:1], 7, 0.25, 2, True, backend="triton").sum().backward()
+    state["model"] = True
 
 
 def _drive_nms():
     g = torch.Generator().manual_seed(1)
-    # Box counts set the bitmask width W (a constexpr): one word, a few, many, W=128 (8192
-    # boxes, unrolled walk), W=256 and 512 (the walk's loop form), and past one chunk (the
-    # gather and cross-chunk kernels: over 8192 fp64 boxes, over 32768 of the others).
+    # Box counts set the walk's width W (a constexpr, from nms.W_BUCKETS): up to 1024 boxes
+    # W=16, up to 8192 W=128, past one window of 8192 windows of W=128 and the push kernel,
+    # and past one chunk the gather and cross-chunk kernels (over 8192 fp64 boxes, over 32768
+    # of the others).
     for n, dtypes in ((5, [torch.float32]), (300, [torch.float32, torch.float16, torch.bfloat16, torch.float64]),
                       (2100, [torch.float32]), (8192, [torch.float32]), (9000, [torch.float32, torch.float64]),
                       (20000, [torch.float32]), (40000, [torch.float32])):
@@ -182,6 +232,10 @@ def _drive_nms():
     boxes = random_boxes(300, 200.0, generator=g)
     ops.batched_nms(boxes, torch.rand(300, generator=g), torch.randint(0, 7, (300,), generator=g), 0.5,
                     backend="triton")
+    # Presorted (the RPN's): two images of 5000 boxes in 5 groups, past one window.
+    boxes = random_boxes(10000, 200.0, generator=g).reshape(2, 5000, 4)
+    groups = torch.arange(5).repeat_interleave(1000).expand(2, 5000)
+    nms_kernels.keep_mask_presorted(boxes, groups, None, 0.7)
     for images in (1, 2):
         boxes = random_boxes(images * 50, 100.0, generator=g).reshape(images, 50, 4)
         ops.nms_keep_mask(boxes, torch.rand(images, 50, generator=g), 0.7,
@@ -291,9 +345,12 @@ COMPILE = textwrap.dedent("""
             lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [repr(exc)]
             return {"error": f"{what}: " + " | ".join(dict.fromkeys(lines[:1] + lines[-4:]))[:1200]}
         regs, stack = resources(kernel.asm["cubin"])
+        shared = int(getattr(kernel.metadata, "shared", 0) or 0)  # bytes of (dynamic) shared memory
+        warps = int(kernel.metadata.num_warps)
         print(f"{time.perf_counter() - t0:6.1f} s {regs:4d} regs {stack:3d} B stack  {what}", file=sys.stderr,
               flush=True)
-        return {"what": what, "regs": regs, "stack": stack}
+        return {"what": what, "kernel": rec["kernel"], "model": rec["model"], "regs": regs, "stack": stack,
+                "shared": shared, "warps": warps}
 
 
     def resources(cubin):
@@ -323,19 +380,35 @@ COMPILE = textwrap.dedent("""
 """)
 
 
+def _table(report) -> str:
+    """The report as a Markdown table: per kernel, its variants (worst registers first)."""
+    lines = [f"sm_90 compile of every variant the ops launch, Triton {report['triton']} "
+             "(tests/test_kernel_compile.py). model: launched by the model's shapes; blocks: per SM.", "",
+             "| kernel | variant | warps | registers | budget | stack B | shared B | blocks | occupancy | model |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(report["results"], key=lambda r: (r["kernel"], -r["regs"], r["what"])):
+        variant = r["what"][len(r["kernel"]) + 1:].replace("|", "/")
+        budget = REGISTER_BUDGET.get(r["kernel"], "-")
+        lines.append(f"| {r['kernel']} | {variant} | {r['warps']} | {r['regs']} | {budget} "
+                     f"| {r['stack']} | {r['shared']} | {r['blocks_per_sm']} | {r['occupancy']:.0%} "
+                     f"| {'yes' if r['model'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     _drive_roi_align()
     _drive_nms()
     _drive_boxes_and_proposals()
     _drive_mask_paste()
     kernels = {r["kernel"] for r in recorded.values()}
-    expected = {"_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_align_bwd_det_kernel",
-                "_nms_key_kernel", "_nms_gather_kernel", "_nms_mask_kernel", "_nms_cross_kernel", "_nms_reduce_kernel",
+    expected = {"_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_align_bin_kernel", "_roi_align_bwd_det_kernel",
+                "_nms_key_kernel", "_nms_gather_kernel", "_nms_mask_kernel", "_nms_cross_kernel", "_nms_push_kernel",
+                "_nms_reduce_kernel",
                 "_decode_boxes_kernel",
                 "_rpn_candidates_kernel", "_paste_masks_kernel"}
     assert expected <= kernels, f"not launched: {sorted(expected - kernels)}"
     widths = {r["args"]["W"]["constexpr"] for r in recorded.values() if r["kernel"] == "_nms_reduce_kernel"}
-    assert {128, 256, 512} <= widths, f"NMS bitmask widths driven: {sorted(widths)}"
+    assert widths == set(nms_kernels.W_BUCKETS), f"NMS bitmask widths driven: {sorted(widths)}"
 
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(list(recorded.values())))
@@ -351,12 +424,25 @@ def test_every_kernel_variant_compiles_for_sm90(recorded, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["results"]
-    if os.environ.get("FASTMASK_COMPILE_REPORT"):  # registers and stack per variant, for benchmarks/NOTES.md tables
-        Path(os.environ["FASTMASK_COMPILE_REPORT"]).write_text(json.dumps(report, indent=1))
     assert len(results) == len(recorded)
     errors = [r["error"] for r in results if "error" in r]
     assert not errors, f"{len(errors)} of {len(results)} variants fail to compile:\n" + "\n".join(errors)
     assert all(r["regs"] > 0 for r in results), "cuobjdump gave no register counts"
+    for r in results:
+        r["blocks_per_sm"] = blocks_per_sm(r["regs"], r["warps"], r["shared"])
+        r["occupancy"] = r["blocks_per_sm"] * r["warps"] / SM90["warps"]
+    table = _table(report)
+    (tmp_path / "compile_sm90.md").write_text(table)
+    if os.environ.get("FASTMASK_COMPILE_REPORT"):  # the per-variant figures, for benchmarks/NOTES.md
+        out = Path(os.environ["FASTMASK_COMPILE_REPORT"])
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(table)
+    unbudgeted = sorted(kernels - set(REGISTER_BUDGET))
+    assert not unbudgeted, f"kernels without a register budget: {unbudgeted}"
+    over = [f"{r['what']}: {r['regs']} registers, budget {REGISTER_BUDGET[r['kernel']]}" for r in results
+            if r["model"] and r["regs"] > REGISTER_BUDGET[r["kernel"]]]
+    if over and report["triton"].startswith(GATED_TRITON + "."):
+        pytest.fail(f"{len(over)} model variants over their kernel's register budget:\n" + "\n".join(over))
     spills = [f"{r['what']}: {r['regs']} registers, {r['stack']}-byte stack" for r in results if r["stack"]]
     if spills:
         message = f"{len(spills)} of {len(results)} variants spill registers under Triton {report['triton']}:\n" \

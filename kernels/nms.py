@@ -223,6 +223,19 @@ def _same_run(a, b, xa, xb, KEYED: tl.constexpr):
 
 
 @triton.jit
+def _span_reaches(key_ptr, cls_ptr, col, last_row, n, s_cb, s_cn, KEYED: tl.constexpr):
+    """(share, xa, xb): whether the row at ``last_row`` (the last of a span of sorted rows
+    ending before position ``col``) is of position ``col``'s run, and that run's ids. Runs are
+    contiguous in sorted order, so a span whose last row is of another run has no row of it."""
+    xa, xb = _run_ids(key_ptr, cls_ptr, col, col >= 0, n, s_cb, s_cn, KEYED)
+    la, lb = _run_ids(key_ptr, cls_ptr, last_row, last_row >= 0, n, s_cb, s_cn, KEYED)
+    share = _same_run(la, lb, xa, xb, KEYED)
+    if KEYED:
+        share = share & (xa != INVALID_RUN)
+    return share, xa, xb
+
+
+@triton.jit
 def _search(key_ptr, cls_ptr, xa, xb, lo, hi, n, s_cb, s_cn, SAME: tl.constexpr, KEYED: tl.constexpr,
             PROBES: tl.constexpr):
     """First position q in [lo, hi) whose run is (SAME) / is not (not SAME) the run (xa, xb);
@@ -451,11 +464,7 @@ def _nms_cross_kernel(boxes_ptr, key_ptr, cls_ptr, keep_ptr, removed_ptr, thr_bi
     # row is of that run: one load decides, and spans of other runs exit here (with 80
     # classes nearly all of them).
     col0 = c0 + q * WORD
-    xa, xb = _run_ids(key_ptr, cls_ptr, col0, col0 >= 0, n, s_cb, s_cn, KEYED)
-    la, lb = _run_ids(key_ptr, cls_ptr, hi - 1, hi > 0, n, s_cb, s_cn, KEYED)
-    share = _same_run(la, lb, xa, xb, KEYED)
-    if KEYED:
-        share = share & (xa != INVALID_RUN)
+    share, xa, xb = _span_reaches(key_ptr, cls_ptr, col0, hi - 1, n, s_cb, s_cn, KEYED)
     if share:
         offs = tl.arange(0, WORD)
         cols = col0 + offs
@@ -516,11 +525,7 @@ def _nms_push_kernel(mask_ptr, key_ptr, cls_ptr, keep_ptr, removed_ptr, c0, win_
     # word's first column (rows come first, runs are contiguous): then the tile's last row is
     # of the run of the first column of these 64 words, which one load checks.
     first = c0 + (win_end - c0) // WORD * WORD + tl.program_id(0) * WORD * WORD
-    xa, xb = _run_ids(key_ptr, cls_ptr, first, first >= 0, n, s_cb, s_cn, KEYED)
-    la, lb = _run_ids(key_ptr, cls_ptr, r_hi - 1, r_hi > 0, n, s_cb, s_cn, KEYED)
-    share = _same_run(la, lb, xa, xb, KEYED)
-    if KEYED:
-        share = share & (xa != INVALID_RUN)
+    share, _, _ = _span_reaches(key_ptr, cls_ptr, first, r_hi - 1, n, s_cb, s_cn, KEYED)
     if share:
         rows = r_lo + tl.arange(0, ROWS)
         kept = tl.load(keep_ptr + rows, mask=rows < r_hi, other=0) != 0

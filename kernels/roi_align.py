@@ -243,6 +243,46 @@ def _columns(pid, K, C, PH: tl.constexpr, PW: tl.constexpr, BLOCK_R: tl.constexp
     return k, p, col_ok, offs_c
 
 
+@triton.jit
+def _setup(pid, rois_ptr, desc_ptr, K, N, C, canonical_scale, canonical_level, k_min, k_max,
+           PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+           NUM_LEVELS: tl.constexpr, STRIDE_ALIGN: tl.constexpr, C_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LAYOUT: tl.constexpr):
+    """What the forward and the atomic backward compute before sampling, for program ``pid``.
+
+    Returns (k, p, col_ok, offs_c, chan, c_ok, b, lvl_pick, row, height, width, y_bin, x_bin,
+    bin_h, bin_w, grid_h, grid_w, count): the columns (``_columns``), whether each is pooled (a
+    RoI whose batch index or level is out of range pools zeros), the channels and their element
+    offsets in the level's layout (``chan``, ``c_ok``: broadcast against the columns as the
+    tile's layout says), each column's image, its level (a scalar with one RoI per program,
+    which keeps uniform loads and pointer alignment known), its descriptor row and map size,
+    and its bin's start, size and sampling grid (``_roi_grid``).
+    """
+    Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1
+    C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
+    k, p, col_ok, offs_c = _columns(pid, K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C, LAYOUT)
+    b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
+                                        NUM_LEVELS)
+    if BLOCK_R == 1:
+        lvl_pick = tl.max(lvl, axis=0)
+    else:
+        lvl_pick = lvl
+    row, scale, height, width = _level_size(desc_ptr, lvl_pick, x1.dtype, NUM_LEVELS)
+    _, _, s_c, _, _ = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
+    col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
+    if C_CONTIG:
+        chan = tl.expand_dims(offs_c, C_AXIS)
+    else:
+        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c + lvl * 0, Q_AXIS)
+    c_ok = tl.expand_dims(offs_c < C, C_AXIS)
+    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
+                                                                      ALIGNED)
+    y_bin = start_y + (p // PW).to(bin_h.dtype) * bin_h
+    x_bin = start_x + (p % PW).to(bin_w.dtype) * bin_w
+    return k, p, col_ok, offs_c, chan, c_ok, b, lvl_pick, row, height, width, y_bin, x_bin, bin_h, bin_w, grid_h, \
+        grid_w, count
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -268,36 +308,16 @@ def _roi_align_fwd_kernel(
         unused levels repeat level 0.
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C channels).
     """
-    # Axes of the [channels, columns] (LAYOUT 1, 2: bins fastest) or [columns, channels] tile;
-    # flat runs (LAYOUT 2) hold one channel per column: a [1, BLOCK_P] tile.
     Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1  # where expand_dims puts the column axis
     C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
-    k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C, LAYOUT)
-    b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
-                                        NUM_LEVELS)
-    if BLOCK_R == 1:  # one RoI: select its level by a scalar, which keeps pointer alignment known
-        lvl_pick = tl.max(lvl, axis=0)
-    else:
-        lvl_pick = lvl
-
-    # Each column's level: its pointer by select among the arguments, its sizes and strides
-    # from the descriptor (scalar loads from cache), no per-level launch. A RoI whose batch
-    # index or level is out of range pools zeros.
-    row, scale, height, width = _level_size(desc_ptr, lvl_pick, x1.dtype, NUM_LEVELS)
-    _, s_n, s_c, s_h, s_w = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
-    feat = _pick(lvl_pick, feat0, feat1, feat2, feat3, feat4, NUM_LEVELS)
-    col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
-    base = feat + b.to(tl.int64) * s_n
-    if C_CONTIG:
-        chan = tl.expand_dims(offs_c, C_AXIS)
-    else:
-        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c + lvl * 0, Q_AXIS)
-    c_ok = tl.expand_dims(offs_c < C, C_AXIS)
-
-    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
-                                                                      ALIGNED)
-    y_bin = start_y + (p // PW).to(bin_h.dtype) * bin_h
-    x_bin = start_x + (p % PW).to(bin_w.dtype) * bin_w
+    (k, p, col_ok, offs_c, chan, c_ok, b, lvl_pick, row, height, width, y_bin, x_bin, bin_h, bin_w, grid_h, grid_w,
+     count) = _setup(tl.program_id(0), rois_ptr, desc_ptr, K, N, C, canonical_scale, canonical_level, k_min, k_max,
+                     PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, STRIDE_ALIGN, C_CONTIG, INDEX_64, BLOCK_R, BLOCK_P,
+                     BLOCK_C, LAYOUT)
+    # The column's level's map: its pointer by select among the arguments, its strides from
+    # the descriptor row (scalar loads from cache).
+    _, s_n, _, s_h, s_w = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
+    base = _pick(lvl_pick, feat0, feat1, feat2, feat3, feat4, NUM_LEVELS) + b.to(tl.int64) * s_n
     grid_h_f = tl.maximum(grid_h, 1).to(bin_h.dtype)  # divisor only: a zero grid takes no samples
     grid_w_f = tl.maximum(grid_w, 1).to(bin_w.dtype)
     if SAMPLING > 0:
@@ -308,11 +328,11 @@ def _roi_align_fwd_kernel(
         n_x = tl.max(tl.where(col_ok, grid_w, 0), axis=0)
 
     if LAYOUT == 2:
-        acc = tl.zeros((1, BLOCK_P), x1.dtype)
+        acc = tl.zeros((1, BLOCK_P), bin_h.dtype)
     elif LAYOUT == 1:
-        acc = tl.zeros((BLOCK_C, BLOCK_R * BLOCK_P), x1.dtype)
+        acc = tl.zeros((BLOCK_C, BLOCK_R * BLOCK_P), bin_h.dtype)
     else:
-        acc = tl.zeros((BLOCK_R * BLOCK_P, BLOCK_C), x1.dtype)
+        acc = tl.zeros((BLOCK_R * BLOCK_P, BLOCK_C), bin_h.dtype)
     # Sum of bilinear samples: each sample reads its 4 neighbours straight from the level's map
     # in its own layout (4 * BLOCK_C values per column) and accumulates in registers; no
     # per-level copy, no gathered intermediate (the reference materialises K*C*4*Gy*Gx*PH*PW).
@@ -373,38 +393,21 @@ def _roi_align_bwd_kernel(
     Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C
     channels), as the forward.
     """
-    Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1
-    C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
-    k, p, col_ok, offs_c = _columns(tl.program_id(0), K, C, PH, PW, BLOCK_R, BLOCK_P, BLOCK_C, LAYOUT)
-    b, x1, y1, x2, y2, lvl = _load_rois(rois_ptr, k, k < K, canonical_scale, canonical_level, k_min, k_max,
-                                        NUM_LEVELS)
-    if BLOCK_R == 1:  # one RoI: select its level by a scalar (uniform loads of its descriptor row)
-        lvl_pick = tl.max(lvl, axis=0)
-    else:
-        lvl_pick = lvl
-
-    # Each column's level, as the forward (the base is an offset into the flat gradient; the
-    # row and column strides are read in the sample loops below).
-    row, scale, _, _ = _level_size(desc_ptr, lvl_pick, x1.dtype, NUM_LEVELS)
-    g_off, s_n, s_c, _, _ = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
-    col_ok = col_ok & (b >= 0) & (b < N) & (lvl >= 0) & (lvl < NUM_LEVELS)
+    (k, p, col_ok, offs_c, chan, c_ok, b, lvl_pick, row, _, _, y_bin, x_bin, bin_h, bin_w, grid_h, grid_w,
+     count) = _setup(tl.program_id(0), rois_ptr, desc_ptr, K, N, C, canonical_scale, canonical_level, k_min, k_max,
+                     PH, PW, SAMPLING, ALIGNED, NUM_LEVELS, STRIDE_ALIGN, C_CONTIG, INDEX_64, BLOCK_R, BLOCK_P,
+                     BLOCK_C, LAYOUT)
+    # The column's level's gradient: an offset into the flat buffer (its row and column
+    # strides are read in the sample loops below).
+    g_off, s_n, _, _, _ = _level_layout(row, STRIDE_ALIGN, C_CONTIG, INDEX_64)
     base = grad_ptr + g_off + b.to(tl.int64) * s_n
-    if C_CONTIG:
-        chan = tl.expand_dims(offs_c, C_AXIS)
-    else:
-        chan = tl.expand_dims(offs_c, C_AXIS) * tl.expand_dims(s_c + lvl * 0, Q_AXIS)
-    c_ok = tl.expand_dims(offs_c < C, C_AXIS)
-
-    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_grid(x1, y1, x2, y2, scale, PH, PW, SAMPLING,
-                                                                      ALIGNED)
     # The tile's output gradient, read once and divided by the sample count.
+    Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1  # as the forward
+    C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
     go_col = k.to(tl.int64) * go_stride_k + (p // PW) * go_stride_h + (p % PW) * go_stride_w
     go_ptrs = grad_out_ptr + tl.expand_dims(go_col, Q_AXIS) + tl.expand_dims(offs_c * go_stride_c, C_AXIS)
-    go = tl.load(go_ptrs, mask=tl.expand_dims(col_ok, Q_AXIS) & c_ok, other=0.0).to(x1.dtype)
+    go = tl.load(go_ptrs, mask=tl.expand_dims(col_ok, Q_AXIS) & c_ok, other=0.0).to(bin_h.dtype)
     g = div_rn(go, tl.expand_dims(count, Q_AXIS))
-
-    y_bin = start_y + (p // PW).to(bin_h.dtype) * bin_h
-    x_bin = start_x + (p % PW).to(bin_w.dtype) * bin_w
     grid_h_f = tl.maximum(grid_h, 1).to(bin_h.dtype)  # divisor only: a zero grid takes no samples
     grid_w_f = tl.maximum(grid_w, 1).to(bin_w.dtype)
     if SAMPLING > 0:

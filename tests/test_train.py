@@ -16,6 +16,7 @@ from fastmask import predict as predict_cli
 from fastmask import train as train_cli
 from fastmask.config import load_config
 from fastmask.engine import trainer as trainer_mod
+from fastmask.engine.builder import LRSchedule
 from fastmask.engine.checkpoint import load_checkpoint
 from fastmask.engine.cli import resolve_config_path
 from fastmask.engine.evaluation import STAT_NAMES
@@ -100,6 +101,24 @@ def test_resume_equals_uninterrupted(trained, cache, tmp_path, monkeypatch):
     assert all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in b)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["type"] == "train"] == list(range(1, SMOKE_ITERS + 1))
+
+
+def test_resume_follows_the_schedule_of_its_own_config(cache, tmp_path):
+    """A run resumed under another max_iter, schedule, steps and base_lr steps with the new config's rates."""
+    first = smoke_config(tmp_path, cache, "solver.max_iter=2")
+    train(first)
+    longer = smoke_config(tmp_path, cache, "solver.max_iter=6", "solver.schedule=step", "solver.steps=[4]",
+                          "solver.base_lr=0.02", "solver.warmup_iters=3")
+    train(longer, resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["iteration"]: r["lr"] for r in rows if r["type"] == "train"}
+    # the rate iteration i steps with is base_lr times the schedule at i - 1 (iterations done before it)
+    expected = {i: 0.01 * LRSchedule(first.solver)(i - 1) for i in (1, 2)}
+    expected.update({i: 0.02 * LRSchedule(longer.solver)(i - 1) for i in range(3, 7)})
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[5] == pytest.approx(0.002)  # past the new config's step
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        0.02 * LRSchedule(longer.solver)(6))
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(cache, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from fastmask.engine.builder import LRSchedule, build_optimizer
 from fastmask.engine.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_model_state, rng_state,
                                         save_atomic, set_rng_state)
 from fastmask.engine.evaluation import STAT_NAMES, coco_evaluate, detections_to_coco, masks_to_rle
+from fastmask.engine.trainer import build_schedule
 
 
 def _gt(n_images=3, seed=0):
@@ -161,6 +162,27 @@ def test_schedule_warmup_step_and_cosine():
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
     assert all(cos(i) >= cos(i + 1) for i in range(100))
     assert math.isclose(LRSchedule(SolverConfig(max_iter=10, warmup_iters=0))(5), 0.5)
+
+
+def test_schedule_placed_at_an_iteration_equals_one_stepped_there():
+    solver = SolverConfig(max_iter=20, base_lr=0.1, warmup_iters=5, schedule="step", steps=[8, 15])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8))  # two parameter groups
+    optimizer = build_optimizer(solver, model)
+    scheduler = build_schedule(solver, optimizer, 0)
+    rates = []
+    for _ in range(20):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == [0.1 * 0.001] * 2 and rates[8] == [pytest.approx(0.01)] * 2
+    other_solver = SolverConfig(max_iter=10, base_lr=0.5)
+    other = build_optimizer(other_solver, model)
+    build_schedule(other_solver, other, 3)  # the state of a run under another config
+    for it in (1, 4, 8, 19):
+        resumed = build_optimizer(solver, model)
+        resumed.load_state_dict(other.state_dict())
+        build_schedule(solver, resumed, it)
+        assert [g["lr"] for g in resumed.param_groups] == rates[it], it
 
 
 def test_norm_parameters_get_their_own_weight_decay():

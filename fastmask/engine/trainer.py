@@ -9,10 +9,17 @@ SGD, writing metrics, checkpoints and evaluations under ``output_dir``:
   ``model_final.pth`` (weights and metadata) at the end;
 - ``eval.json`` (the final COCO tables) and ``loss_curves.png``.
 
+The parts, in the order ``_train`` calls them: :func:`setup` (model, optimizer, scaler, and
+:func:`resume_from` or the initial weights, then :func:`build_schedule`), the loader,
+:func:`run_step` once per iteration, :func:`save_checkpoint` and :func:`evaluate_at` every
+period, :func:`finish`.
+
 Resuming is exact: the data order and augmentations are a function of the iteration
-(:class:`fastmask.data.TrainBatchSampler`), and the checkpoint holds the optimizer,
-schedule, gradient scaler and every random generator, so a run interrupted and resumed ends
-with the same weights as one that was not (bitwise on the CPU).
+(:class:`fastmask.data.TrainBatchSampler`), the checkpoint holds the optimizer, gradient
+scaler and every random generator, and the learning rate is a function of the config and the
+iteration, so a run interrupted and resumed ends with the same weights as one that was not
+(bitwise on the CPU). A run resumed under another schedule (a longer ``max_iter``, other
+``steps`` or ``base_lr``) follows its own config's schedule from the checkpoint's iteration.
 """
 
 from __future__ import annotations
@@ -24,17 +31,19 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..config import TrainConfig
+from ..config import SolverConfig, TrainConfig
 from ..data import DatasetError, TrainBatchSampler, build_dataset, collate, orientation_groups
 from . import distributed as du
-from .builder import LRSchedule, build_model, build_optimizer, build_scheduler, load_backbone_weights, model_arch
+from .builder import LRSchedule, build_model, build_optimizer, load_backbone_weights, model_arch
 from .checkpoint import (FINAL, FORMAT, LAST, CheckpointError, check_architecture, load_checkpoint,
                          load_model_state, read_model_file, rng_state, save_atomic, set_rng_state)
 from .evaluation import evaluate, format_tables, images_to_device
@@ -199,150 +208,242 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device, resume: bo
     train_ds, val_ds = build_datasets(cfg, info)
     log.info("train: %d images from %s; val: %d images; %d class(es): %s", len(train_ds), train_ds.annotation_file,
              len(val_ds), train_ds.num_classes - 1, ", ".join(train_ds.class_names[1:]))
-    meta = dataset_meta(train_ds, cfg)
+    state = setup(cfg, info, device, dataset_meta(train_ds, cfg), out / LAST, resume, weights)
+    loader = build_train_loader(cfg, train_ds, info, device, state.start_iter)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_iteration=state.start_iter if state.resumed else None) \
+        if info.is_main else None
 
+    max_iter = cfg.solver.max_iter
+    log.info("training iterations %d..%d, %d image(s) per iteration", state.start_iter, max_iter,
+             cfg.data.batch_size * info.world_size)
+    progress = Progress(cfg, info, state.start_iter, metrics)
+    state.train_model.train()
+    data_iter = iter(loader)
+    try:
+        for iteration in range(state.start_iter + 1, max_iter + 1):
+            images, targets = next(data_iter)
+            loss_values, lr = run_step(state, images, targets, iteration)
+            progress.update(iteration, loss_values, lr)
+            if iteration % cfg.checkpoint_period == 0 or iteration == max_iter:
+                save_checkpoint(state, iteration)
+            if cfg.eval_period and iteration % cfg.eval_period == 0 and iteration != max_iter:
+                evaluate_at(state, val_ds, metrics, iteration)
+    finally:
+        progress.close()
+        del data_iter  # stops the loader's worker processes
+    log.info("training finished in %.1f s", progress.elapsed())
+    return finish(state, val_ds, metrics)
+
+
+# --------------------------------------------------------------------------- the parts of a run
+
+
+@dataclass
+class TrainState:
+    """The objects a run trains with, and where it stands; built by :func:`setup`."""
+
+    cfg: TrainConfig
+    info: du.DistInfo
+    meta: dict                            # dataset_meta(): saved in every checkpoint
+    device: torch.device
+    model: torch.nn.Module                # the bare model: checkpoints and evaluation
+    train_model: torch.nn.Module          # what runs forward and backward: DistributedDataParallel(model) or model
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    checkpoint: Path                      # output_dir/checkpoint.pth
+    start_iter: int                       # iterations done before this process started
+    resumed: bool                         # start_iter and the training state come from the checkpoint
+    params: list[torch.nn.Parameter] = field(init=False)  # those with gradients: norm and clipping
+
+    def __post_init__(self):
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+
+def setup(cfg: TrainConfig, info: du.DistInfo, device: torch.device, meta: dict, checkpoint: Path, resume: bool,
+          weights: str | None) -> TrainState:
+    """The model, optimizer, gradient scaler and schedule of ``cfg``, resumed from ``checkpoint`` if asked and it
+    exists, else with the initial weights (``weights``, ``model.weights``, ``model.backbone_weights``)."""
     seed_all(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, train_ds.num_classes)
+    model = build_model(cfg.model, meta["num_classes"])
     model.to(device)
     optimizer = build_optimizer(cfg.solver, model)
-    scheduler = build_scheduler(cfg.solver, optimizer)
     amp_dtype = autocast_dtype(cfg.solver.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     seed_all(cfg.seed + 1 + info.rank)  # each rank draws its own training samples
 
-    start_iter = 0
-    ckpt_path = out / LAST
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        missing = [k for k in ("optimizer", "scheduler", "scaler", "rng", "iteration") if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has no {', '.join(missing)}: it holds a model, "
-                                  "not a training state to resume (start from its weights with --weights)")
-        check_architecture(ckpt, meta["arch"], str(ckpt_path))
-        load_model_state(model, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.lr_lambdas[0] = LRSchedule(cfg.solver)  # the schedule of this run's config (e.g. a longer max_iter)
-        scaler.load_state_dict(ckpt["scaler"])
-        if len(ckpt["rng"]) == info.world_size:
-            set_rng_state(ckpt["rng"][info.rank])
-        else:
-            log.warning("checkpoint was written by %d process(es), this run has %d: random streams restart",
-                        len(ckpt["rng"]), info.world_size)
-        start_iter = int(ckpt["iteration"])
-        log.info("resumed from %s at iteration %d", ckpt_path, start_iter)
-        del ckpt
+    resumed = resume and checkpoint.is_file()
+    if resumed:
+        start_iter = resume_from(checkpoint, model, optimizer, scaler, meta["arch"], info)
     else:
         if resume:
-            log.info("no checkpoint at %s: starting from iteration 0", ckpt_path)
+            log.info("no checkpoint at %s: starting from iteration 0", checkpoint)
         load_initial_weights(model, cfg, weights)
-        resume = False
+        start_iter = 0
+    scheduler = build_schedule(cfg.solver, optimizer, start_iter)
 
-    params = [p for p in model.parameters() if p.requires_grad]
     train_model = model
     if info.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return TrainState(cfg=cfg, info=info, meta=meta, device=device, model=model, train_model=train_model,
+                      optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype,
+                      checkpoint=checkpoint, start_iter=start_iter, resumed=resumed)
 
+
+def resume_from(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                arch: dict, info: du.DistInfo) -> int:
+    """Restore the weights, optimizer, gradient scaler and random generators saved at ``path``; returns its iteration.
+
+    The learning-rate schedule is not restored: :func:`build_schedule` makes it from this run's config at the
+    returned iteration.
+    """
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scaler", "rng", "iteration") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {', '.join(missing)}: it holds a model, "
+                              "not a training state to resume (start from its weights with --weights)")
+    check_architecture(ckpt, arch, str(path))
+    load_model_state(model, ckpt["model"], str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == info.world_size:
+        set_rng_state(ckpt["rng"][info.rank])
+    else:
+        log.warning("checkpoint was written by %d process(es), this run has %d: random streams restart",
+                    len(ckpt["rng"]), info.world_size)
+    iteration = int(ckpt["iteration"])
+    log.info("resumed from %s at iteration %d", path, iteration)
+    return iteration
+
+
+def build_schedule(cfg: SolverConfig, optimizer: torch.optim.Optimizer, iteration: int) -> LambdaLR:
+    """The learning-rate schedule of ``cfg`` (``base_lr`` times :class:`LRSchedule`) placed at ``iteration``.
+
+    Sets every group's learning rate to the schedule's value there. Built from the config at every start, resumed
+    or not: a checkpoint gives only the iteration, so a run resumed under another ``max_iter``, ``steps`` or
+    ``base_lr`` follows the schedule of its own config from that iteration on.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.base_lr  # LambdaLR's base; a resumed optimizer state holds the old run's
+    return LambdaLR(optimizer, LRSchedule(cfg), last_epoch=iteration - 1)  # it steps once, to iteration, when built
+
+
+def build_train_loader(cfg: TrainConfig, train_ds, info: du.DistInfo, device: torch.device, start_iter: int):
+    """The training batches from iteration ``start_iter`` on (this rank's share)."""
     sampler = TrainBatchSampler(orientation_groups(train_ds.aspect_ratios()), cfg.data.batch_size, seed=cfg.seed,
                                 rank=info.rank, world_size=info.world_size, start_iter=start_iter,
                                 grouping=cfg.data.aspect_ratio_grouping)
     # A private generator: creating the loader's iterator must not draw from the global
     # random stream, or a resumed run would diverge from an uninterrupted one.
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_iteration=start_iter if resume else None) \
-        if info.is_main else None
-    images_per_iter = cfg.data.batch_size * info.world_size
-    max_iter = cfg.solver.max_iter
-    clip = cfg.solver.clip_grad_norm
 
-    def eval_now(iteration: int) -> dict | None:
-        result = evaluate(model, val_ds, device, num_workers=cfg.data.num_workers, autocast_dtype=amp_dtype)
-        if result is not None:
-            log.info("evaluation at iteration %d (%d images, %.1f s):\n%s", iteration, len(val_ds),
-                     result["inference_s"] + result["cocoeval_s"], format_tables(result))
-            log.info("bbox AP %.4f, segm AP %.4f", result["bbox"]["AP"], result["segm"]["AP"])
-            metrics.write({"type": "eval", "iteration": iteration, "bbox": result["bbox"], "segm": result["segm"]})
-        return result
+def run_step(state: TrainState, images, targets, iteration: int) -> tuple[list[float], float]:
+    """Iteration ``iteration`` (counted from 1) on one batch; returns the losses (``LOSS_NAMES``, averaged across
+    ranks) and the learning rate it stepped with.
 
-    def save(iteration: int) -> None:
-        states = du.all_gather_object(rng_state())  # every rank's generators, so each resumes its own
-        if info.is_main:
-            save_atomic({"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": states,
-                         "iteration": iteration, "config": config_mod.to_dict(cfg), "meta": meta}, ckpt_path)
+    Raises :class:`NonFiniteLossError` before the optimizer step if a loss or the gradient norm is not finite.
+    """
+    images = images_to_device(images, state.device)
+    targets = to_device_targets(targets, state.device)
+    with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
+        loss_dict = state.train_model(images, targets)
+    losses = torch.stack([loss_dict[k].float() for k in LOSS_NAMES])
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(losses.sum()).backward()
+    if state.scaler.is_enabled():
+        state.scaler.unscale_(state.optimizer)
+    clip = state.cfg.solver.clip_grad_norm
+    if clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in state.params
+                                                          if p.grad is not None]))
+    # One host sync per iteration, unavoidable: the losses and the gradient norm must be
+    # checked before the optimizer step so that a NaN never reaches the weights or a
+    # checkpoint (the values also feed the progress bar and the metrics).
+    checked = du.all_reduce_mean(torch.cat([losses.detach(), grad_norm.detach().float()[None]])).tolist()
+    loss_values, norm_value = checked[:-1], checked[-1]
+    # With fp16 the gradient scaler skips steps with overflowing gradients by design.
+    _check_finite(loss_values, None if state.scaler.is_enabled() else norm_value, iteration, state.checkpoint)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.scheduler.step()
+    return loss_values, lr
 
-    log.info("training iterations %d..%d, %d image(s) per iteration", start_iter, max_iter, images_per_iter)
-    bar = tqdm(total=max_iter, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
-               disable=not info.is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    window = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
-    window_n, window_t0, run_t0 = 0, time.perf_counter(), time.perf_counter()
-    rate = None
-    train_model.train()
-    data_iter = iter(loader)
-    try:
-        for it in range(start_iter, max_iter):
-            images, targets = next(data_iter)
-            images = images_to_device(images, device)
-            targets = to_device_targets(targets, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss_dict = train_model(images, targets)
-            losses = torch.stack([loss_dict[k].float() for k in LOSS_NAMES])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses.sum()).backward()
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            if clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
-                                                                  if p.grad is not None]))
-            # One host sync per iteration, unavoidable: the losses and the gradient norm must be
-            # checked before the optimizer step so that a NaN never reaches the weights or a
-            # checkpoint (the values also feed the progress bar and the metrics).
-            checked = du.all_reduce_mean(torch.cat([losses.detach(), grad_norm.detach().float()[None]])).tolist()
-            loss_values, norm_value = checked[:-1], checked[-1]
-            # With fp16 the gradient scaler skips steps with overflowing gradients by design.
-            _check_finite(loss_values, None if scaler.is_enabled() else norm_value, it + 1, ckpt_path)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
 
-            window += torch.tensor(loss_values, dtype=torch.float64)
-            window_n += 1
-            iteration = it + 1
-            now = time.perf_counter()
-            if iteration % cfg.log_period == 0 or iteration == max_iter:
-                rate = window_n * images_per_iter / max(now - window_t0, 1e-9)
-                avg = (window / window_n).tolist()
-                record = {"type": "train", "iteration": iteration, "loss": sum(avg), **dict(zip(LOSS_NAMES, avg)),
-                          "lr": lr, "images_per_s": rate, "time_s": now - run_t0}
-                if metrics is not None:
-                    metrics.write(record)
-                log.debug("iter %d: %s", iteration, record)
-                window.zero_()
-                window_n, window_t0 = 0, now
-            bar.set_postfix(loss=f"{sum(loss_values):.3f}", lr=f"{lr:.2e}",
-                            img_s=f"{rate:.1f}" if rate else "-", refresh=False)
-            bar.update(1)
+class Progress:
+    """The progress bar, and a ``train`` metrics line of the losses averaged over every ``log_period`` iterations."""
 
-            if iteration % cfg.checkpoint_period == 0 or iteration == max_iter:
-                save(iteration)
-            if cfg.eval_period and iteration % cfg.eval_period == 0 and iteration != max_iter:
-                eval_now(iteration)
-    finally:
-        bar.close()
-        del data_iter  # stops the loader's worker processes
-    log.info("training finished in %.1f s", time.perf_counter() - run_t0)
+    def __init__(self, cfg: TrainConfig, info: du.DistInfo, start_iter: int, metrics: MetricsWriter | None):
+        self.max_iter, self.log_period, self.metrics = cfg.solver.max_iter, cfg.log_period, metrics
+        self.images_per_iter = cfg.data.batch_size * info.world_size
+        self.bar = tqdm(total=self.max_iter, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
+                        disable=not info.is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        self.window = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+        self.window_n, self.window_t0 = 0, time.perf_counter()
+        self.run_t0 = self.window_t0
+        self.rate = None
 
-    result = eval_now(max_iter) or {}
-    if info.is_main:
-        save_atomic({"format": FORMAT, "model": model.state_dict(), "iteration": max_iter,
-                     "config": config_mod.to_dict(cfg), "meta": meta}, out / FINAL)
+    def update(self, iteration: int, loss_values: list[float], lr: float) -> None:
+        self.window += torch.tensor(loss_values, dtype=torch.float64)
+        self.window_n += 1
+        now = time.perf_counter()
+        if iteration % self.log_period == 0 or iteration == self.max_iter:
+            self.rate = self.window_n * self.images_per_iter / max(now - self.window_t0, 1e-9)
+            avg = (self.window / self.window_n).tolist()
+            record = {"type": "train", "iteration": iteration, "loss": sum(avg), **dict(zip(LOSS_NAMES, avg)),
+                      "lr": lr, "images_per_s": self.rate, "time_s": now - self.run_t0}
+            if self.metrics is not None:
+                self.metrics.write(record)
+            log.debug("iter %d: %s", iteration, record)
+            self.window.zero_()
+            self.window_n, self.window_t0 = 0, now
+        self.bar.set_postfix(loss=f"{sum(loss_values):.3f}", lr=f"{lr:.2e}",
+                             img_s=f"{self.rate:.1f}" if self.rate else "-", refresh=False)
+        self.bar.update(1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.run_t0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save_checkpoint(state: TrainState, iteration: int) -> None:
+    """``checkpoint.pth``: everything a resume needs, with every rank's random generators."""
+    states = du.all_gather_object(rng_state())  # every rank's generators, so each resumes its own
+    if state.info.is_main:
+        save_atomic({"format": FORMAT, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                     "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(), "rng": states,
+                     "iteration": iteration, "config": config_mod.to_dict(state.cfg), "meta": state.meta},
+                    state.checkpoint)
+
+
+def evaluate_at(state: TrainState, val_ds, metrics: MetricsWriter | None, iteration: int) -> dict | None:
+    """COCO evaluation of the model on ``val_ds``, logged and written as an ``eval`` metrics line (rank 0)."""
+    result = evaluate(state.model, val_ds, state.device, num_workers=state.cfg.data.num_workers,
+                      autocast_dtype=state.amp_dtype)
+    if result is not None:
+        log.info("evaluation at iteration %d (%d images, %.1f s):\n%s", iteration, len(val_ds),
+                 result["inference_s"] + result["cocoeval_s"], format_tables(result))
+        log.info("bbox AP %.4f, segm AP %.4f", result["bbox"]["AP"], result["segm"]["AP"])
+        metrics.write({"type": "eval", "iteration": iteration, "bbox": result["bbox"], "segm": result["segm"]})
+    return result
+
+
+def finish(state: TrainState, val_ds, metrics: MetricsWriter | None) -> dict:
+    """The final evaluation, ``model_final.pth``, ``eval.json`` and ``loss_curves.png``; returns the evaluation."""
+    cfg, out = state.cfg, state.checkpoint.parent
+    result = evaluate_at(state, val_ds, metrics, cfg.solver.max_iter) or {}
+    if state.info.is_main:
+        save_atomic({"format": FORMAT, "model": state.model.state_dict(), "iteration": cfg.solver.max_iter,
+                     "config": config_mod.to_dict(cfg), "meta": state.meta}, out / FINAL)
         if result:
             _write_json(out / "eval.json", {k: v for k, v in result.items() if k != "tables"})
         if plot_loss_curves(out / "metrics.jsonl", out / "loss_curves.png"):

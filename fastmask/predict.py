@@ -83,6 +83,7 @@ def main(argv=None) -> list[dict]:
         from .engine.evaluation import MASK_THRESHOLD, detections_to_coco, images_to_device
         from .engine.trainer import autocast_dtype, torch_threads
         from .engine.visualize import draw_detections
+        from .ops import BoxMasks
 
         images = [read_image(p) for p in args.images]  # every file is checked before the model loads
         out_dir = check_output_folder(args.out, "--out")
@@ -93,6 +94,7 @@ def main(argv=None) -> list[dict]:
         device = du.resolve_device(cfg.device, du.DistInfo())
         model.to(device)
         model.mask_threshold = MASK_THRESHOLD
+        model.mask_output = "box"  # each mask pasted into its own box: no full-image mask is built
         amp = autocast_dtype(cfg.solver.amp, device)
         class_names = list(meta["class_names"])
         label_to_cat = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
@@ -103,15 +105,16 @@ def main(argv=None) -> list[dict]:
                     torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 det = model(images_to_device([image], device))[0]
             keep = det["scores"] >= args.score_thresh
-            det = {key: v[keep] for key, v in det.items()}
-            boxes, segms = detections_to_coco(det, k + 1, label_to_cat)
+            det = {key: BoxMasks(*(t[keep] for t in v)) if key == "masks" else v[keep] for key, v in det.items()}
+            size = tuple(image.shape[-2:])
+            boxes, segms = detections_to_coco(det, k + 1, label_to_cat, image_size=size)
             for b, s in zip(boxes, segms):
                 results.append({"image_id": k + 1, "file_name": str(path), "category_id": b["category_id"],
                                 "category_name": cat_names[b["category_id"]],
                                 "bbox": b["bbox"], "score": b["score"], "segmentation": s["segmentation"]})
             overlay = draw_detections(image.permute(1, 2, 0).numpy(), det["boxes"].float().cpu().numpy(),
                                       det["labels"].cpu().tolist(), det["scores"].float().cpu().tolist(),
-                                      det["masks"][:, 0].cpu().numpy(), class_names)
+                                      tuple(t.cpu().numpy() for t in det["masks"]), class_names)
             name = Path(path).stem
             if name in used:
                 name = f"{name}_{k + 1}"

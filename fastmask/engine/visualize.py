@@ -37,9 +37,41 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def draw_detections(image: np.ndarray, boxes: np.ndarray, labels, scores, masks: np.ndarray | None,
+def _mask_regions(masks, n: int, h: int, w: int):
+    """(y0, x0, mask) per detection, ``mask`` bool [h_i, w_i] at image pixel (y0, x0), and
+    which of its four sides (top, bottom, left, right) lie on the image's edge. ``masks``: bool
+    [N, H, W], or box-local ``(slabs [N, Hmax, Wmax], windows [N, 4] (x0, y0, x1, y1))``."""
+    if isinstance(masks, tuple):
+        slabs, windows = masks
+        for i in range(n):
+            x0, y0, x1, y1 = (int(v) for v in windows[i])
+            yield y0, x0, slabs[i, :y1 - y0, :x1 - x0], (y0 == 0, y1 == h, x0 == 0, x1 == w)
+    else:
+        for i in range(n):
+            yield 0, 0, masks[i], (True, True, True, True)
+
+
+def _region_outline(mask: np.ndarray, on_edge) -> np.ndarray:
+    """``_outline`` of a region of an image's mask, as it is in the whole image: past a side
+    inside the image the mask is False (outside the box), past the image's edge it continues."""
+    padded = np.pad(mask, 1, mode="edge")
+    top, bottom, left, right = on_edge
+    if not top:
+        padded[0] = False
+    if not bottom:
+        padded[-1] = False
+    if not left:
+        padded[:, 0] = False
+    if not right:
+        padded[:, -1] = False
+    return _outline(padded)[1:-1, 1:-1]
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, labels, scores, masks,
                     class_names: list[str]) -> Image.Image:
-    """``image`` uint8 [H, W, 3]; ``boxes`` [N, 4] ``(x1, y1, x2, y2)``; ``masks`` bool [N, H, W] or None."""
+    """``image`` uint8 [H, W, 3]; ``boxes`` [N, 4] ``(x1, y1, x2, y2)``; ``masks`` bool [N, H, W],
+    box-local ``(slabs, windows)`` as numpy arrays (``fastmask.ops.BoxMasks`` pasted with a
+    threshold of at least 0, so False outside the boxes), or None."""
     h, w = image.shape[:2]
     scale = max(1, math.ceil(MIN_DISPLAY_SIDE / max(1, min(h, w))))
     canvas = image
@@ -50,13 +82,17 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels, scores, masks:
     colours = {int(i): np.array(PALETTE[rank % len(PALETTE)], np.float32)
                for rank, i in enumerate(order[::-1])}
     if masks is not None:
+        regions = list(_mask_regions(masks, len(order), h, w))
         for i in order:
-            m = masks[i]
+            y0, x0, m, on_edge = regions[i]
+            if m.size == 0:  # a box with no pixel in the image
+                continue
             if scale > 1:
                 m = m.repeat(scale, 0).repeat(scale, 1)
             c = colours[int(i)]
-            canvas[m] = canvas[m] * (1 - MASK_ALPHA) + c * MASK_ALPHA
-            canvas[_outline(m)] = c
+            region = canvas[y0 * scale:y0 * scale + m.shape[0], x0 * scale:x0 * scale + m.shape[1]]
+            region[m] = region[m] * (1 - MASK_ALPHA) + c * MASK_ALPHA
+            region[_region_outline(m, on_edge)] = c
     out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     font_size = max(11, round(min(out.size) / 40))

@@ -11,11 +11,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from fastmask.config import ConfigError, SolverConfig
-from fastmask.engine.builder import LRSchedule, build_optimizer
+from fastmask.engine.builder import LRSchedule, build_optimizer, build_scheduler
 from fastmask.engine.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_model_state, rng_state,
                                         save_atomic, set_rng_state)
 from fastmask.engine.evaluation import STAT_NAMES, coco_evaluate, detections_to_coco, masks_to_rle
-from fastmask.engine.trainer import build_schedule
 
 
 def _gt(n_images=3, seed=0):
@@ -168,7 +167,7 @@ def test_schedule_placed_at_an_iteration_equals_one_stepped_there():
     solver = SolverConfig(max_iter=20, base_lr=0.1, warmup_iters=5, schedule="step", steps=[8, 15])
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8))  # two parameter groups
     optimizer = build_optimizer(solver, model)
-    scheduler = build_schedule(solver, optimizer, 0)
+    scheduler = build_scheduler(solver, optimizer, 0)
     rates = []
     for _ in range(20):
         rates.append([g["lr"] for g in optimizer.param_groups])
@@ -177,11 +176,11 @@ def test_schedule_placed_at_an_iteration_equals_one_stepped_there():
     assert rates[0] == [0.1 * 0.001] * 2 and rates[8] == [pytest.approx(0.01)] * 2
     other_solver = SolverConfig(max_iter=10, base_lr=0.5)
     other = build_optimizer(other_solver, model)
-    build_schedule(other_solver, other, 3)  # the state of a run under another config
+    build_scheduler(other_solver, other, 3)  # the state of a run under another config
     for it in (1, 4, 8, 19):
         resumed = build_optimizer(solver, model)
         resumed.load_state_dict(other.state_dict())
-        build_schedule(solver, resumed, it)
+        build_scheduler(solver, resumed, it)
         assert [g["lr"] for g in resumed.param_groups] == rates[it], it
 
 

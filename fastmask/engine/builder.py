@@ -94,7 +94,7 @@ def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimize
 class LRSchedule:
     """Multiplier of ``base_lr`` at an iteration: linear warmup, then step or cosine decay.
 
-    A plain object (not a lambda) so that ``LambdaLR.state_dict()`` saves it in checkpoints.
+    A plain object (not a lambda), so that ``LambdaLR.state_dict()`` can be pickled.
     """
 
     def __init__(self, cfg: SolverConfig):
@@ -118,5 +118,16 @@ class LRSchedule:
         return factor
 
 
-def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg))
+def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer,
+                    iteration: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``cfg`` (``base_lr`` times :class:`LRSchedule`) placed at
+    ``iteration``.
+
+    Sets every group's learning rate to the schedule's value there. Built from the config at every
+    start, resumed or not: a checkpoint gives only the iteration, so a run resumed under another
+    ``max_iter``, ``steps`` or ``base_lr`` follows the schedule of its own config from that iteration on.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.base_lr  # LambdaLR's base; a resumed optimizer state holds the old run's
+    # LambdaLR steps once when built, to ``iteration``.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg), last_epoch=iteration - 1)

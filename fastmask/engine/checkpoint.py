@@ -3,7 +3,8 @@
 A checkpoint is one ``torch.save`` file holding a dict:
 
 - ``model``: the model's ``state_dict`` (torchvision's key names, no DDP prefix);
-- ``optimizer``, ``scheduler``, ``scaler``: their ``state_dict``s;
+- ``optimizer``, ``scheduler``, ``scaler``: their ``state_dict``s (a resumed run restores the optimizer and
+  scaler; its schedule is rebuilt from its own config at the saved iteration);
 - ``rng``: one entry per rank with the Python, NumPy, torch CPU and CUDA generator states;
 - ``iteration``: completed iterations; ``config``: the run's config as a dict;
 - ``meta``: ``num_classes``, ``class_names``, ``label_to_cat_id`` and ``arch`` (the model

@@ -10,7 +10,7 @@ SGD, writing metrics, checkpoints and evaluations under ``output_dir``:
 - ``eval.json`` (the final COCO tables) and ``loss_curves.png``.
 
 The parts, in the order ``_train`` calls them: :func:`setup` (model, optimizer, scaler, and
-:func:`resume_from` or the initial weights, then :func:`build_schedule`), the loader,
+:func:`resume_from` or the initial weights, then :func:`.builder.build_scheduler`), the loader,
 :func:`run_step` once per iteration, :func:`save_checkpoint` and :func:`evaluate_at` every
 period, :func:`finish`.
 
@@ -40,10 +40,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..config import SolverConfig, TrainConfig
+from ..config import TrainConfig
 from ..data import DatasetError, TrainBatchSampler, build_dataset, collate, orientation_groups
 from . import distributed as du
-from .builder import LRSchedule, build_model, build_optimizer, load_backbone_weights, model_arch
+from .builder import build_model, build_optimizer, build_scheduler, load_backbone_weights, model_arch
 from .checkpoint import (FINAL, FORMAT, LAST, CheckpointError, check_architecture, load_checkpoint,
                          load_model_state, read_model_file, rng_state, save_atomic, set_rng_state)
 from .evaluation import evaluate, format_tables, images_to_device
@@ -281,7 +281,7 @@ def setup(cfg: TrainConfig, info: du.DistInfo, device: torch.device, meta: dict,
             log.info("no checkpoint at %s: starting from iteration 0", checkpoint)
         load_initial_weights(model, cfg, weights)
         start_iter = 0
-    scheduler = build_schedule(cfg.solver, optimizer, start_iter)
+    scheduler = build_scheduler(cfg.solver, optimizer, start_iter)
 
     train_model = model
     if info.distributed:
@@ -296,7 +296,7 @@ def resume_from(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                 arch: dict, info: du.DistInfo) -> int:
     """Restore the weights, optimizer, gradient scaler and random generators saved at ``path``; returns its iteration.
 
-    The learning-rate schedule is not restored: :func:`build_schedule` makes it from this run's config at the
+    The learning-rate schedule is not restored: :func:`.builder.build_scheduler` makes it from this run's config at the
     returned iteration.
     """
     ckpt = load_checkpoint(path)
@@ -316,18 +316,6 @@ def resume_from(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     iteration = int(ckpt["iteration"])
     log.info("resumed from %s at iteration %d", path, iteration)
     return iteration
-
-
-def build_schedule(cfg: SolverConfig, optimizer: torch.optim.Optimizer, iteration: int) -> LambdaLR:
-    """The learning-rate schedule of ``cfg`` (``base_lr`` times :class:`LRSchedule`) placed at ``iteration``.
-
-    Sets every group's learning rate to the schedule's value there. Built from the config at every start, resumed
-    or not: a checkpoint gives only the iteration, so a run resumed under another ``max_iter``, ``steps`` or
-    ``base_lr`` follows the schedule of its own config from that iteration on.
-    """
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.base_lr  # LambdaLR's base; a resumed optimizer state holds the old run's
-    return LambdaLR(optimizer, LRSchedule(cfg), last_epoch=iteration - 1)  # it steps once, to iteration, when built
 
 
 def build_train_loader(cfg: TrainConfig, train_ds, info: du.DistInfo, device: torch.device, start_iter: int):

@@ -21,10 +21,8 @@ from ._common import div_rn, gpu_launch, round_to_bf16
 # Box tiles: the pixels inside the box's window, the only ones that interpolate, are covered
 # by tiles of BLOCK_H x BLOCK_W (4 pixels per thread with 4 warps), near-square so that boxes
 # of a few dozen pixels waste few lanes. Each pixel keeps 4 gathers and their weights live, so
-# the registers grow with the pixels per thread: the 8 x 256 tiles that covered whole canvases
-# before needed 140-164 registers (3 blocks per SM); these need 40-48 (benchmarks/NOTES.md,
-# mask paste). Untuned starting point: benchmarks/bench_mask_paste.py is the place to choose
-# them on a GPU.
+# the registers grow with the pixels per thread (the figures: benchmarks/NOTES.md, mask paste).
+# Untuned starting point: benchmarks/bench_mask_paste.py is the place to choose them on a GPU.
 BLOCK_H = 16
 BLOCK_W = 32
 NUM_WARPS = 4

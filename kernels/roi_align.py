@@ -420,10 +420,8 @@ def _roi_align_bwd_kernel(
     # over the output gradient, no per-sample or per-level intermediate in memory.
     # The level's height and row stride (and in the inner loop its width and column stride)
     # are read from its descriptor row again at each step: uniform loads that hit L1, which
-    # the atomics keep the compiler from hoisting. Kept live through the loops instead, they
-    # cost 6 to 13 registers at 14x14 bins in NCHW under Triton 3.6 (54-60 instead of 48:
-    # four 8-warp blocks per SM instead of five); the argument version read them from the
-    # constant bank.
+    # the atomics keep the compiler from hoisting, rather than registers held through the
+    # loops (the cost measured: benchmarks/NOTES.md, RoI Align version 1.3).
     for iy in range(0, n_y):
         y = y_bin + div_rn((iy + 0.5) * bin_h, grid_h_f)
         y_lo, y_hi, wy_lo, wy_hi, y_in = _taps(y, tl.load(row + 0).to(tl.int32))  # DESC_HEIGHT

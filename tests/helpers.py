@@ -25,6 +25,11 @@ interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 TRITON_DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
     ["cuda"] if torch.cuda.is_available() else [])
 
+# (backend, device) pairs for a test with one body for both backends: the reference on the CPU, the
+# Triton kernels on every device that can run them; ids such as "torch-cpu", "triton-cuda".
+BACKENDS = [("torch", "cpu")] + [("triton", d) for d in TRITON_DEVICES]
+BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
 
 def random_boxes(n: int, max_coord: float = 100.0, min_size: float = 0.0, *, generator=None,
                  dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -34,7 +39,8 @@ def random_boxes(n: int, max_coord: float = 100.0, min_size: float = 0.0, *, gen
     return torch.cat([xy, xy + wh], dim=1).to(dtype=dtype, device=device)
 
 
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "") -> None:
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
+                         what: str = "") -> None:
     """assert_close that prints the worst mismatching indices and values."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"

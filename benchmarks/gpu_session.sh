@@ -90,7 +90,7 @@ if [ "${1:-}" = --dry-run ]; then dry=1; shift; fi
 [ $# -eq 0 ] || { echo "unexpected arguments: $*; $usage" >&2; exit 2; }
 # Kernel tests: on the GPU the CUDA case of every test (the `cuda` marker or a cuda device
 # parameter); in the dry run the interpreter's CPU cases of the kernel test files.
-kernel_files=(tests/test_roi_align_triton.py tests/test_nms.py tests/test_boxes.py tests/test_masks.py
+kernel_files=(tests/test_roi_align.py tests/test_nms.py tests/test_boxes.py tests/test_masks.py
               tests/test_proposals.py tests/test_model_postprocess.py tests/test_anchors.py)
 if [ $dry = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""

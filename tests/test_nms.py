@@ -11,15 +11,13 @@ output (torchvision's final sort is not stable); see ``assert_same_keep``.
 import pytest
 import torch
 import torchvision
-from helpers import TRITON_DEVICES, random_boxes, requires_cuda
+from helpers import BACKEND_IDS, BACKENDS, TRITON_DEVICES, random_boxes, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmask.ops import batched_nms, nms, nms_keep_mask
 from fastmask.ops.nms import (keep_mask_presorted_triton, keep_mask_triton, kept_indices_triton, nms_keep_mask_ref,
                               nms_ref)
 
-BACKENDS = [("torch", "cpu")] + [("triton", d) for d in TRITON_DEVICES]
-BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
 ON_INTERPRETER = {"cpu": True, "cuda": False}
 
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import (BACKEND_IDS, BACKENDS, TOL, TRITON_DEVICES, assert_close_verbose, pyramid_boxes, random_boxes,
-                     requires_cuda)
+from helpers import (BACKEND_IDS, BACKENDS, TOL, TRITON_DEVICES, assert_close_verbose, interpreter, pyramid_boxes,
+                     random_boxes, requires_cuda)
 
 from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
 from fastmask.ops.roi_align import (boxes_to_rois, infer_scales, level_range, map_levels, multiscale_roi_align_ref,
@@ -744,7 +744,7 @@ def _binned(monkeypatch, feats, rois, scales, out_size, **kw):
     return grads, lists, seen["tiles"]
 
 
-@needs_triton
+@interpreter  # CPU tensors through the kernels
 def test_deterministic_backward_visits_only_the_tiles_each_roi_reaches(monkeypatch):
     """Each gradient tile walks exactly the RoIs whose gradient can land in it, in increasing
     order: a superset of the tiles each RoI's own gradient (the reference's, one RoI at a

@@ -55,7 +55,6 @@ def test_masks_to_rle_matches_pycocotools():
 
 def _as_output(coco, image_id, label_of):
     anns = coco.imgToAnns[image_id]
-    h, w = coco.imgs[image_id]["height"], coco.imgs[image_id]["width"]
     boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                           for a in anns])
     masks = torch.stack([torch.from_numpy(coco.annToMask(a)).bool() for a in anns])[:, None]

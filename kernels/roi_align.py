@@ -306,7 +306,11 @@ def _roi_align_fwd_kernel(
     feat0..feat4: level l's Tensor[N, C, height_l, width_l], its sizes and strides (divided by
         STRIDE_ALIGN; the channel stride is 1 when C_CONTIG) in row l of the descriptor;
         unused levels repeat level 0.
-    Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C channels).
+    LAYOUT: the program's tile (see ``_columns``): 0 columns x channels (channels-last), 1
+        channels x columns (NCHW through the interpreter), 2 flat runs of one RoI's (channel,
+        bin) elements (NCHW on the GPU).
+    Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C
+    channels), or with LAYOUT 2 per (RoI, run of BLOCK_P elements).
     """
     Q_AXIS: tl.constexpr = 0 if LAYOUT > 0 else 1  # where expand_dims puts the column axis
     C_AXIS: tl.constexpr = Q_AXIS if LAYOUT == 2 else 1 - Q_AXIS
@@ -390,8 +394,7 @@ def _roi_align_bwd_kernel(
     grad_out_ptr: Tensor[K, C, PH, PW], any strides (go_stride_*), any float dtype.
     rois_ptr: Tensor[K, 5], contiguous rows, fp32 or fp64 (the compute dtype).
     desc_ptr: the level descriptor, int64 Tensor[MAX_LEVELS, DESC_FIELDS].
-    Grid: one program per (block of BLOCK_R RoIs, block of BLOCK_P bins, block of BLOCK_C
-    channels), as the forward.
+    Grid and LAYOUT: as the forward.
     """
     (k, p, col_ok, offs_c, chan, c_ok, b, lvl_pick, row, _, _, y_bin, x_bin, bin_h, bin_w, grid_h, grid_w,
      count) = _setup(tl.program_id(0), rois_ptr, desc_ptr, K, N, C, canonical_scale, canonical_level, k_min, k_max,

@@ -734,7 +734,8 @@ def _chunk_size(t: int, f64: bool, max_chunk: int | None) -> int:
 
 
 def _window(chunk: int, max_window: int | None) -> int:
-    """Positions per reduce launch: a power of two >= 64 (tests use small windows)."""
+    """Positions per reduce launch: WALK_WINDOW, or ``max_window`` (a multiple of 64 up to it; tests use small
+    windows), at most the chunk."""
     if max_window is not None and (max_window % WORD_BITS or not WORD_BITS <= max_window <= WALK_WINDOW):
         raise ValueError(f"max_window {max_window}: a multiple of {WORD_BITS} up to {WALK_WINDOW}")
     return min(chunk, WALK_WINDOW if max_window is None else max_window)
@@ -898,7 +899,7 @@ def keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, i
     elsewhere: a stable sort of it lists the kept boxes by decreasing score, ties in input
     order) and int32 Tensor[1] the number kept.
     Launches: key kernel, one ``torch.sort`` (two for fp64 scores), then ``_greedy`` (2 for
-    one window). ``max_chunk``, ``max_window``: powers of two >= 64 (tests use small chunks
+    one window). ``max_chunk``: a power of two >= 64, ``max_window``: a multiple of 64 (tests use small chunks
     and windows to exercise the cross-chunk pass and the push). ``poison``: fill the outputs
     and scratch with values that fail the tests if a kernel leaves them unwritten.
     ``or_by_bits``: how the reduce kernel ORs words (see

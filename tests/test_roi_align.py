@@ -7,6 +7,7 @@ that can run them; on a machine without a GPU that is the CPU, through Triton's 
 realistic sizes.
 """
 
+import importlib
 import math
 
 import pytest
@@ -17,8 +18,9 @@ from helpers import (BACKEND_IDS, BACKENDS, TOL, TRITON_DEVICES, assert_close_ve
 
 from fastmask.ops import MultiScaleRoIAlign, multiscale_roi_align, roi_align
 from fastmask.ops.roi_align import (boxes_to_rois, infer_scales, level_range, map_levels, multiscale_roi_align_ref,
-                                    roi_align_ref)
+                                    roi_align_backward_ref, roi_align_ref)
 
+roi_align_module = importlib.import_module("fastmask.ops.roi_align")  # the module (the package exports the op)
 needs_triton = pytest.mark.skipif(not TRITON_DEVICES, reason="no device can run the Triton kernels")
 
 LAYOUTS = ["nchw", "channels_last"]
@@ -265,10 +267,36 @@ def test_roi_align_gradcheck():
     assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (3, 2), 1.0, 2, True, backend="torch"), (x,))
 
 
-def test_reference_direct_call_matches_public_op():
-    x = torch.randn(1, 2, 6, 6)
-    rois = make_rois(1, 5, 20.0, 9)
-    assert torch.equal(roi_align_ref(x, rois, 3, 0.5, 2, False), roi_align(x, rois, 3, 0.5, 2, False, backend="torch"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, False), (-1, True), (3, True)])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
+def test_cpu_path_matches_reference(monkeypatch, dtype, sampling_ratio, aligned, chunked):
+    """backend="torch" runs the CPU path (each bin's taps summed by embedding_bag); the
+    reference (roi_align_ref, roi_align_backward_ref) is its spec: same values up to the order
+    of the sums, forward and backward, with the RoIs in one chunk or in several."""
+    if chunked:  # chunks of 1-2 RoIs at these sizes
+        monkeypatch.setattr(roi_align_module, "REF_GATHER_BUDGET", 8 * 20 * 36 * 2)
+    x = torch.randn(2, 3, 9, 11, dtype=dtype)
+    rois = make_rois(2, 13, 30.0, 4, dtype=dtype)
+    got = roi_align(x, rois, (4, 5), 0.4, sampling_ratio, aligned, backend="torch")
+    assert_close_verbose(got, roi_align_ref(x, rois, (4, 5), 0.4, sampling_ratio, aligned), *TOL[dtype])
+    grad = torch.randn_like(got)
+    x1 = x.clone().requires_grad_()
+    roi_align(x1, rois, (4, 5), 0.4, sampling_ratio, aligned, backend="torch").backward(grad)
+    (expected,) = roi_align_backward_ref(grad, rois, [x.shape], (4, 5), [0.4], sampling_ratio, aligned)
+    assert_close_verbose(x1.grad, expected, *TOL[dtype])
+    # Multi-level: every RoI on its mapped level.
+    feats = [f.requires_grad_() for f in make_pyramid(2, 3, dtype=dtype, seed=5)]
+    boxes = [pyramid_boxes(9, IMAGE_HW, 1).to(dtype), pyramid_boxes(6, IMAGE_HW, 2).to(dtype)]
+    got = multiscale_roi_align(feats, boxes, 3, [IMAGE_HW] * 2, sampling_ratio, backend="torch")
+    scales = infer_scales([f.shape[-2:] for f in feats], [IMAGE_HW] * 2)
+    all_rois = boxes_to_rois(boxes)
+    assert_close_verbose(got, multiscale_roi_align_ref(feats, all_rois, 3, scales, sampling_ratio), *TOL[dtype])
+    grad = torch.randn_like(got)
+    grads = torch.autograd.grad(got, feats, grad)
+    expected = roi_align_backward_ref(grad, all_rois, [f.shape for f in feats], (3, 3), scales, sampling_ratio, False)
+    for g, e in zip(grads, expected):
+        assert_close_verbose(g, e, *TOL[dtype])
 
 
 # --------------------------------------------------------------------------- reference: multi-level

@@ -9,10 +9,15 @@ axis or, when ``sampling_ratio <= 0``, ``ceil(roi_size / output_size)`` per axis
 A sample further than one cell outside the feature map contributes zero; samples between -1
 and 0 are clamped to the edge.
 
-The reference below computes every level in one vectorised pass: the levels are flattened
+The reference below (``roi_align_ref``, ``multiscale_roi_align_ref``, ``roi_align_backward_ref``)
+is the specification. It computes every level in one vectorised pass: the levels are flattened
 into one [N, sum(H*W), C] table and each sample's four neighbours are gathered from it. It
-reads ``K * C * (2*PH*Gy) * (2*PW*Gx)`` values (G: samples per bin and axis) and writes
+materialises ``K * C * (2*PH*Gy) * (2*PW*Gx)`` values (G: samples per bin and axis) and writes
 ``K * C * PH * PW``; the kernel reads each needed feature value with no intermediate tables.
+
+``backend="torch"`` runs the CPU path: the reference's taps and weights, summed per bin by
+``embedding_bag`` (no tap table materialised; its backward adds each tap's weighted gradient
+into its row). Same values as the reference up to the order of the sums (tested).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._backend import check_backend_name, resolve_backend
@@ -29,7 +35,8 @@ from ._checks import (FLOAT_DTYPES, check_boxes, check_same_device, check_tensor
 from ._library import register
 
 # Values the reference gathers at once (chunks of RoIs are processed in turn): 2**25 fp32
-# values are 128 MiB, which keeps the CPU reference within a few hundred MiB at any size.
+# values are 128 MiB, which keeps the reference within a few hundred MiB at any size. The CPU
+# path's chunks hold an eighth as many taps (an int64 row and a weight each).
 REF_GATHER_BUDGET = 1 << 25
 # torchvision's LevelMapper: eps added before the floor so that a box of exactly the
 # canonical size lands on the canonical level despite rounding in log2.
@@ -118,15 +125,16 @@ def _bin_samples(start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, g_max
     return idx, w
 
 
-def _sample_taps(heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
-                 output_size: tuple[int, int], sampling_ratio: int, aligned: bool, cdt: torch.dtype):
-    """Every bilinear tap of every RoI, over levels flattened into one [N, S, C] table.
+def _axis_samples(heights: Tensor, widths: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
+                  output_size: tuple[int, int], sampling_ratio: int, aligned: bool, cdt: torch.dtype):
+    """Every RoI's bilinear taps along each axis (the bilinear weight is the product of both axes').
 
-    ``heights``, ``widths``, ``offsets``, ``scales``: per-level Tensor[L]; ``rois``:
-    Tensor[K, 5]; ``levels``: int64 Tensor[K]. Returns ``(batch, flat, wy, wx)``: the image
-    (int64 Tensor[K]) and table row (int64 Tensor[K, PH, 2Gy, PW, 2Gx]) of each tap, and the
-    per-axis weights Tensor[K, PH, 2Gy] (divided by the sample count) and Tensor[K, PW, 2Gx].
-    Bin (p, q) of RoI k is ``sum_ab wy[k, p, a] * wx[k, q, b] * table[batch[k], flat[k, p, a, q, b]]``.
+    ``heights``, ``widths``, ``scales``: per-level Tensor[L]; ``rois``: Tensor[K, 5]; ``levels``:
+    int64 Tensor[K]. Returns ``(batch, iy, wy, ix, wx)``: each RoI's image (int64 Tensor[K]), the
+    feature rows and weights of its taps per output row (int64 and ``cdt`` Tensor[K, PH, 2Gy], the
+    weights divided by the bin's sample count) and the columns and weights per output column
+    (Tensor[K, PW, 2Gx]). Bin (p, q) of RoI k is
+    ``sum_ab wy[k, p, a] * wx[k, q, b] * feature[batch[k], :, iy[k, p, a], ix[k, q, b]]``.
     """
     ph, pw = output_size
     rois = rois.to(cdt)
@@ -150,11 +158,24 @@ def _sample_taps(heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tenso
     count = (grid_h * grid_w).clamp(min=1)
     iy, wy = _bin_samples(y1, bin_h, grid_h, ph, gy, h)
     ix, wx = _bin_samples(x1, bin_w, grid_w, pw, gx, w)
-    wy = wy / count[:, None, None]
+    return rois[:, 0].long(), iy, wy / count[:, None, None], ix, wx
+
+
+def _sample_taps(heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
+                 output_size: tuple[int, int], sampling_ratio: int, aligned: bool, cdt: torch.dtype):
+    """Every bilinear tap of every RoI, over levels flattened into one [N, S, C] table.
+
+    Arguments as :func:`_axis_samples`, plus ``offsets``: each level's first table row. Returns
+    ``(batch, flat, wy, wx)``: the image and table row (int64 Tensor[K, PH, 2Gy, PW, 2Gx]) of each
+    tap and the per-axis weights. Bin (p, q) of RoI k is
+    ``sum_ab wy[k, p, a] * wx[k, q, b] * table[batch[k], flat[k, p, a, q, b]]``.
+    """
+    batch, iy, wy, ix, wx = _axis_samples(heights, widths, scales, rois, levels, output_size, sampling_ratio,
+                                          aligned, cdt)
     flat = (offsets[levels][:, None, None, None, None]
             + iy[:, :, :, None, None] * widths[levels][:, None, None, None, None]
             + ix[:, None, None, :, :])  # [K, PH, 2Gy, PW, 2Gx]
-    return rois[:, 0].long(), flat, wy, wx
+    return batch, flat, wy, wx
 
 
 def _roi_chunks(k: int, flat: Tensor, c: int):
@@ -199,10 +220,94 @@ def _roi_align_flat_backward(grad: Tensor, table_shape: tuple[int, int, int], he
     return out
 
 
+# The CPU path (backend "torch"): the reference's taps summed by ``embedding_bag``, whose CPU
+# kernel adds each bin's weighted taps (rows of C channels of the flattened table) straight into
+# the bin's output row, multi-threaded. The reference materialises every tap's C values first
+# (K * PH * PW * 4G^2 * C: 200M values for 1000 RoIs at 7x7 bins, 2 samples, 256 channels); the
+# bags read the same rows from cache and write only the K * PH * PW * C outputs. Its backward
+# is ``embedding_bag``'s, which adds each tap's weighted bin gradient into its row.
+
+
+def _bag_taps(heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
+              output_size: tuple[int, int], sampling_ratio: int, aligned: bool, rows_per_image: int,
+              cdt: torch.dtype):
+    """Per-axis taps (:func:`_axis_samples`) and each RoI's first row in the [N * S, C] table."""
+    batch, iy, wy, ix, wx = _axis_samples(heights, widths, scales, rois, levels, output_size, sampling_ratio,
+                                          aligned, cdt)
+    return batch * rows_per_image + offsets[levels], widths[levels], iy, wy, ix, wx
+
+
+def _bags(first: Tensor, width: Tensor, iy: Tensor, wy: Tensor, ix: Tensor, wx: Tensor) -> tuple[Tensor, Tensor]:
+    """Each bin's taps as a bag, bin-major (k, p, q): their table rows (int64) and weights,
+    Tensor[K * PH * PW * T] each (T = 2Gy * 2Gx taps per bin)."""
+    rows = (first[:, None, None, None, None] + iy[:, :, None, :, None] * width[:, None, None, None, None]
+            + ix[:, None, :, None, :])  # [K, PH, PW, 2Gy, 2Gx]
+    weights = wy[:, :, None, :, None] * wx[:, None, :, None, :]
+    return rows.reshape(-1), weights.reshape(-1)
+
+
+def _bag_chunks(k: int, output_size: tuple[int, int], taps: int):
+    """RoI ranges of at most ``REF_GATHER_BUDGET // 8`` taps (an int64 row and a weight each)."""
+    chunk = max(1, (REF_GATHER_BUDGET // 8) // max(1, output_size[0] * output_size[1] * taps))
+    return [(s, min(k, s + chunk)) for s in range(0, k, chunk)]
+
+
+def _roi_align_bags(table: Tensor, heights: Tensor, widths: Tensor, offsets: Tensor, scales: Tensor,
+                    rois: Tensor, levels: Tensor, output_size: tuple[int, int], sampling_ratio: int,
+                    aligned: bool) -> Tensor:
+    """:func:`_roi_align_flat` with each bin's taps summed by ``embedding_bag`` (the CPU path)."""
+    n, s, c = table.shape
+    ph, pw = output_size
+    k = rois.shape[0]
+    out = table.new_empty((k, ph, pw, c))
+    if k == 0:
+        return out.permute(0, 3, 1, 2)
+    first, width, iy, wy, ix, wx = _bag_taps(heights, widths, offsets, scales, rois, levels, output_size,
+                                             sampling_ratio, aligned, s, table.dtype)
+    taps = iy.shape[2] * ix.shape[2]
+    weight = table.view(n * s, c)
+    for a, b in _bag_chunks(k, output_size, taps):  # memory-bounded chunks of RoIs, not single RoIs
+        rows, w = _bags(first[a:b], width[a:b], iy[a:b], wy[a:b], ix[a:b], wx[a:b])
+        out[a:b] = F.embedding_bag(rows.view(-1, taps), weight, per_sample_weights=w.view(-1, taps),
+                                   mode="sum").view(b - a, ph, pw, c)
+    return out.permute(0, 3, 1, 2)
+
+
+def _roi_align_bags_backward(grad: Tensor, table_shape: tuple[int, int, int], heights: Tensor, widths: Tensor,
+                             offsets: Tensor, scales: Tensor, rois: Tensor, levels: Tensor,
+                             output_size: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+    """Gradient of :func:`_roi_align_bags` w.r.t. its table (``grad``: Tensor[K, C, PH, PW])."""
+    n, s, c = table_shape
+    ph, pw = output_size
+    out = grad.new_zeros((n * s, c))
+    if rois.shape[0] == 0:
+        return out.view(table_shape)
+    first, width, iy, wy, ix, wx = _bag_taps(heights, widths, offsets, scales, rois, levels, output_size,
+                                             sampling_ratio, aligned, s, grad.dtype)
+    taps = iy.shape[2] * ix.shape[2]
+    g = grad.permute(0, 2, 3, 1)  # [K, PH, PW, C]: one row per bag
+    for a, b in _bag_chunks(rois.shape[0], output_size, taps):
+        rows, w = _bags(first[a:b], width[a:b], iy[a:b], wy[a:b], ix[a:b], wx[a:b])
+        bags = (b - a) * ph * pw
+        # embedding_bag's own backward over bags of ``taps`` taps: each tap's row gets its
+        # weight times its bag's gradient (arguments: bag offsets, the bag of each tap, bag sizes).
+        out += torch.ops.aten._embedding_bag_backward(
+            g[a:b].reshape(bags, c), rows, torch.arange(0, bags * taps, taps, device=grad.device),
+            torch.arange(bags, device=grad.device).repeat_interleave(taps),
+            torch.full((bags,), taps, dtype=torch.int64, device=grad.device), rows.new_zeros(bags), n * s, False, 0,
+            False, w, -1)
+    return out.view(table_shape)
+
+
 def _level_table(features: Sequence[Tensor], cdt: torch.dtype):
     """Flatten feature maps [N, C, H, W] into one [N, sum(H*W), C] table and its level tables."""
     n, c = features[0].shape[:2]
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(n, -1, c) for f in features], dim=1).to(cdt)
+    table = features[0].new_empty((n, sum(f.shape[2] * f.shape[3] for f in features), c), dtype=cdt)
+    start = 0
+    for f in features:  # one copy per level into its slice of the table (a loop over levels)
+        h, w = f.shape[2:]
+        table[:, start:start + h * w].view(n, h, w, c).copy_(f.permute(0, 2, 3, 1))
+        start += h * w
     return (table, *_level_sizes([f.shape for f in features], features[0].device))
 
 
@@ -258,13 +363,15 @@ def multiscale_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_si
 
 
 def _levels_ref(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int, int], scales: Sequence[float],
-                sampling_ratio: int, aligned: bool, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
-    """The reference over one level (every RoI on it) or several (each RoI on its mapped level)."""
+                sampling_ratio: int, aligned: bool, canonical_scale: float = 224, canonical_level: int = 4,
+                pool=_roi_align_flat) -> Tensor:
+    """The reference over one level (every RoI on it) or several (each RoI on its mapped level);
+    ``pool=_roi_align_bags`` is the CPU path (the same result, summed in another order)."""
     cdt = compute_dtype(features[0].dtype)
     table, heights, widths, offsets = _level_table(features, cdt)
     levels, unpooled = _roi_levels(rois, scales, canonical_scale, canonical_level, cdt)
     scale_t = torch.tensor(list(scales), dtype=cdt, device=features[0].device)
-    out = _roi_align_flat(table, heights, widths, offsets, scale_t, rois, levels, output_size, sampling_ratio, aligned)
+    out = pool(table, heights, widths, offsets, scale_t, rois, levels, output_size, sampling_ratio, aligned)
     if unpooled is not None:
         out = out.masked_fill(unpooled[:, None, None, None], 0.0)
     return out.to(features[0].dtype)
@@ -272,11 +379,13 @@ def _levels_ref(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int
 
 def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence[int]], output_size: tuple[int, int],
                            scales: Sequence[float], sampling_ratio: int, aligned: bool, canonical_scale: float = 224,
-                           canonical_level: int = 4, dtype: torch.dtype | None = None) -> list[Tensor]:
+                           canonical_level: int = 4, dtype: torch.dtype | None = None,
+                           pool_backward=_roi_align_flat_backward) -> list[Tensor]:
     """Gradient of :func:`_levels_ref` w.r.t. each level, given ``grad`` Tensor[K, C, PH, PW].
 
     ``shapes``: each level's (N, C, H, W). Returns per level Tensor[N, C, H, W] in ``dtype``
     (default: ``grad``'s), computed in fp32 (fp64 for fp64) and contiguous.
+    ``pool_backward=_roi_align_bags_backward`` is the CPU path's.
     """
     dtype = dtype or grad.dtype
     cdt = compute_dtype(dtype)
@@ -288,8 +397,8 @@ def roi_align_backward_ref(grad: Tensor, rois: Tensor, shapes: Sequence[Sequence
     grad = grad.to(cdt)
     if unpooled is not None:
         grad = grad.masked_fill(unpooled[:, None, None, None], 0.0)
-    table = _roi_align_flat_backward(grad, (n, total, c), heights, widths, offsets, scale_t, rois, levels,
-                                     output_size, sampling_ratio, aligned)
+    table = pool_backward(grad, (n, total, c), heights, widths, offsets, scale_t, rois, levels, output_size,
+                          sampling_ratio, aligned)
     rows = [int(s[2]) * int(s[3]) for s in shapes]
     return [t.reshape(n, s[2], s[3], c).permute(0, 3, 1, 2).to(dtype).contiguous()
             for t, s in zip(table.split(rows, dim=1), shapes)]
@@ -315,7 +424,8 @@ def _forward_impl(features: Sequence[Tensor], rois: Tensor, output_size: Sequenc
         return roi_align_fwd(list(features), _kernel_rows(rois, features[0].dtype), out_hw, [float(s) for s in scales],
                              sampling_ratio, aligned, canonical_scale=canonical_scale, canonical_level=canonical_level,
                              k_min=k_min, k_max=k_max)
-    out = _levels_ref(features, rois, out_hw, scales, sampling_ratio, aligned, canonical_scale, canonical_level)
+    out = _levels_ref(features, rois, out_hw, scales, sampling_ratio, aligned, canonical_scale, canonical_level,
+                      pool=_roi_align_bags)
     return out.contiguous()
 
 
@@ -405,7 +515,7 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, shapes: Sequence[int], ch
         # The kernel's gradients are views of one flat buffer in the same layout; return it.
         return grads[0].as_strided((sum(math.prod(s) for s in level_shapes),), (1,), 0)
     grads = roi_align_backward_ref(grad, rois, level_shapes, out_hw, scales, sampling_ratio, aligned, canonical_scale,
-                                   canonical_level, dtype)
+                                   canonical_level, dtype, pool_backward=_roi_align_bags_backward)
     return torch.cat([(g.permute(0, 2, 3, 1) if cl else g).reshape(-1) for g, cl in zip(grads, channels_last)])
 
 
@@ -530,8 +640,8 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size, spat
     Limits: features of any size (the kernels index in 64 bits where offsets inside one image
     pass 2**31 elements; the backward's gradient is one buffer of the features' size); RoIs
     up to what the GPU's grid takes (programs under 2**31, ValueError beyond: over 40 million
-    RoIs at 7x7 bins and 256 channels); the reference gathers in chunks of ``REF_GATHER_BUDGET``
-    values, so its extra memory is bounded at any size.
+    RoIs at 7x7 bins and 256 channels); the CPU path and the reference work in chunks of RoIs
+    (``REF_GATHER_BUDGET``), so their extra memory is bounded at any size.
     """
     _check_features("input", [input])
     _check_scalars(spatial_scale, sampling_ratio, aligned)

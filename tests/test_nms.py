@@ -8,6 +8,8 @@ order on both sides. The only freedom left is the order of tied scores in ``batc
 output (torchvision's final sort is not stable); see ``assert_same_keep``.
 """
 
+import importlib
+
 import pytest
 import torch
 import torchvision
@@ -18,6 +20,7 @@ from fastmask.ops import batched_nms, nms, nms_keep_mask
 from fastmask.ops.nms import (keep_mask_presorted_triton, keep_mask_triton, kept_indices_triton, nms_keep_mask_ref,
                               nms_ref)
 
+nms_module = importlib.import_module("fastmask.ops.nms")  # the module (the package exports the op)
 ON_INTERPRETER = {"cpu": True, "cuda": False}
 
 
@@ -426,6 +429,56 @@ def test_keep_mask_presorted_matches_reference(device):
     groups = torch.tensor([0, 2, 5]).repeat_interleave(50).expand(2, 150)
     expected = nms_keep_mask_ref(boxes, scores, 0.6, groups)
     assert torch.equal(keep_mask_presorted_triton(boxes.to(device), groups.to(device), None, 0.6).cpu(), expected)
+
+
+# --------------------------------------------------------------------------- the CPU path
+
+
+@pytest.mark.parametrize("tile", [16, 128])
+@pytest.mark.parametrize("kind", ["spread", "clustered", "grid"])
+def test_cpu_path_matches_reference(monkeypatch, tile, kind):
+    """backend="torch" runs greedy_sorted_cpu (groups padded into rows, every group's s-th tile
+    resolved in one step against its kept boxes); the reference is its spec: the same kept
+    boxes. Groups of very different lengths (one of about half the boxes, many short, five of
+    one box), ties, several steps per group (tiles of 16), fp16/fp32/fp64 boxes, and the
+    batched keep mask with invalid boxes."""
+    monkeypatch.setattr(nms_module, "CPU_TILE", tile)
+    reference = nms_module._greedy_sorted_ref
+    n = 400
+    boxes, scores = box_set(kind, n, 3), scores_for(n, 3, ties=kind != "spread")
+    g = torch.Generator().manual_seed(4)
+    idxs = torch.where(torch.rand(n, generator=g) < 0.5, 0, torch.randint(1, 40, (n,), generator=g))
+    idxs[:5] = torch.arange(100, 105)
+    for thr in (0.3, 0.5, 0.7):
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            b = boxes.to(dtype)
+            assert torch.equal(batched_nms(b, scores, idxs, thr, backend="torch"), nms_ref(b, scores, thr, idxs))
+            assert torch.equal(nms(b, scores, thr, backend="torch"), nms_ref(b, scores, thr))
+    expected = nms_ref(boxes, scores, 0.5, idxs)
+    monkeypatch.setattr(nms_module, "PADDED_ROOM", 0)  # past the padding's room: the reference runs
+    monkeypatch.setattr(nms_module, "PADDED_SLACK", 0)
+    calls = []
+    monkeypatch.setattr(nms_module, "_greedy_sorted_ref", lambda *a: calls.append(1) or reference(*a))
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5, backend="torch"), expected) and calls == [1]
+    monkeypatch.undo()
+    monkeypatch.setattr(nms_module, "CPU_TILE", tile)
+    valid = torch.rand(2, n // 2, generator=g) > 0.2
+    b2, s2, i2 = boxes.view(2, n // 2, 4), scores.view(2, n // 2), idxs.view(2, n // 2)
+    for idx in (i2, None):
+        assert torch.equal(nms_keep_mask(b2, s2, 0.5, idx, valid, backend="torch"),
+                           nms_keep_mask_ref(b2, s2, 0.5, idx, valid))
+
+
+def test_cpu_path_threshold_is_the_fp64_test():
+    """The CPU path compares IoUs in their dtype with the largest value of that dtype at most
+    the threshold: the same decision as torchvision's float64 comparison."""
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64):
+        for thr in (0.5, 0.7, 1 / 3, 0.3, float(torch.tensor(0.7).float()), 0.0, 1.0):
+            t = nms_module._threshold_for(dtype, thr)
+            near = torch.tensor(thr, dtype=dtype) + torch.arange(-64, 65, dtype=dtype) * torch.finfo(dtype).eps / 4
+            values = torch.cat([near, torch.rand(1000, generator=g, dtype=torch.float64).to(dtype)])
+            assert torch.equal(values > t, values.double() > thr), (dtype, thr)
 
 
 def test_fp32_decision_value_is_torchvisions_test():

@@ -50,7 +50,7 @@ from ._device import cached_table
 from ._library import register
 from .anchors import AnchorGeometry
 from .boxes import BBOX_XFORM_CLIP, _image_size, decode_boxes_ref, per_row_image_sizes
-from .nms import keep_mask_presorted_triton, nms_keep_mask_ref
+from .nms import keep_mask_presorted_triton, nms_keep_mask_cpu
 
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
@@ -100,7 +100,7 @@ def candidates_keep(boxes: Tensor, scores: Tensor, levels: Tensor, valid: Tensor
         # The candidates are already sorted by level and, within a level, by decreasing score
         # (top-k per level, then the monotone sigmoid): the kernels walk them without a sort.
         return keep_mask_presorted_triton(boxes, levels, valid, nms_thresh)
-    return nms_keep_mask_ref(boxes, scores, nms_thresh, levels, valid)
+    return nms_keep_mask_cpu(boxes, scores, nms_thresh, levels, valid)
 
 
 # --------------------------------------------------------------------------- reference

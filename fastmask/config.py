@@ -125,6 +125,10 @@ class TrainConfig:
     checkpoint_period: int = 1000     # iterations between checkpoints (and at the end)
     log_period: int = 20              # iterations between metric lines
     num_threads: int = 0              # CPU threads for torch; 0: leave torch's default
+    # Training: torch.compile backend for the model's dense parts (backbone, RPN head, box and
+    # mask heads), e.g. "inductor"; null: eager (the default). The first calls compile (minutes).
+    # evaluate / predict compile only when given --compile.
+    compile: str | None = None
 
 
 _ENUMS = {

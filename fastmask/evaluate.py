@@ -59,6 +59,7 @@ def main(argv=None) -> dict | None:
         from .data import DatasetError, build_dataset
         from .engine import distributed as du
         from .engine.evaluation import evaluate, format_tables
+        from .engine.builder import compile_model
         from .engine.trainer import autocast_dtype, main_process_first, torch_threads
 
         info = du.env_dist_info()
@@ -73,6 +74,8 @@ def main(argv=None) -> dict | None:
                                 "the results folder (the checkpoint's; choose another with --out)")
         device = du.resolve_device(cfg.device, info)
         model.to(device)
+        if args.compile:  # the command's flag only (a checkpoint's config may name the training run's)
+            compile_model(model, args.compile)
         du.init_distributed(device, info)
         try:
             dataset = main_process_first(lambda: build_dataset(cfg.data, "val", train=False), info)

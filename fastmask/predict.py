@@ -81,6 +81,7 @@ def main(argv=None) -> list[dict]:
 
         from .engine import distributed as du
         from .engine.evaluation import MASK_THRESHOLD, detections_to_coco, images_to_device
+        from .engine.builder import compile_model
         from .engine.trainer import autocast_dtype, torch_threads
         from .engine.visualize import draw_detections
         from .ops import BoxMasks
@@ -93,6 +94,8 @@ def main(argv=None) -> list[dict]:
             resolve_classes(meta, categories, where, model_file_arg(args), strict=False)
         device = du.resolve_device(cfg.device, du.DistInfo())
         model.to(device)
+        if args.compile:  # the command's flag only (a checkpoint's config may name the training run's)
+            compile_model(model, args.compile)
         model.mask_threshold = MASK_THRESHOLD
         model.mask_output = "box"  # each mask pasted into its own box: no full-image mask is built
         amp = autocast_dtype(cfg.solver.amp, device)

@@ -42,6 +42,24 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ConfigError(f"model.options holds a keyword the model does not take: {exc}") from None
 
 
+def compile_model(model: nn.Module, backend: str) -> None:
+    """``torch.compile`` the model's dense parts in place (``Module.compile``: parameter names and
+    checkpoints unchanged): the backbone with its FPN, the RPN head, the box and mask heads and
+    predictors. The detection logic between them (proposals, sampling, NMS, paste) stays eager:
+    its shapes depend on the data. ``backend``: a ``torch.compile`` backend name."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"compile: {backend!r} is not a torch.compile backend "
+                          f"(one of {sorted(torch._dynamo.list_backends(exclude_tags=()))})")
+    heads = model.roi_heads
+    for part in (model.backbone, model.rpn.head, heads.box_head, heads.box_predictor, heads.mask_head,
+                 heads.mask_predictor):
+        part.compile(backend=backend)
+    log.info("compiled the backbone, the RPN head and the box and mask heads with torch.compile(backend=%r); "
+             "the first calls compile them", backend)
+
+
 def load_backbone_weights(model: nn.Module, path: str) -> None:
     """ImageNet weights of the ResNet alone (torchvision's ``resnet50`` layout; ``fc.*`` ignored)."""
     try:

@@ -94,6 +94,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str
                         help="kernel backend of the model's ops (default: model.backend, else FASTMASK_BACKEND)")
     parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="cpu, cuda or cuda:N (default: the config's device; 'auto': the GPU if there is one)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the model's backbone and heads (off by default; BACKEND defaults to "
+                             "inductor). The first calls compile, which takes minutes on a CPU")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, raise it with its full Python traceback instead of printing one line")
 
@@ -117,6 +120,8 @@ def config_from_args(args, base: TrainConfig | None = None, default: str | None 
         overrides.append(f"model.backend={args.backend}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
+    if getattr(args, "compile", None) is not None:
+        overrides.append(f"compile={args.compile}")
     name = args.config if args.config is not None else default
     if name is not None:
         return load_config(resolve_config_path(name), overrides)

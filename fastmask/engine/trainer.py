@@ -43,7 +43,7 @@ from .. import config as config_mod
 from ..config import TrainConfig
 from ..data import DatasetError, TrainBatchSampler, build_dataset, collate, orientation_groups
 from . import distributed as du
-from .builder import build_model, build_optimizer, build_scheduler, load_backbone_weights, model_arch
+from .builder import build_model, build_optimizer, build_scheduler, compile_model, load_backbone_weights, model_arch
 from .checkpoint import (FINAL, FORMAT, LAST, CheckpointError, check_architecture, load_checkpoint,
                          load_model_state, read_model_file, rng_state, save_atomic, set_rng_state)
 from .evaluation import evaluate, format_tables, images_to_device
@@ -268,6 +268,8 @@ def setup(cfg: TrainConfig, info: du.DistInfo, device: torch.device, meta: dict,
     seed_all(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, meta["num_classes"])
     model.to(device)
+    if cfg.compile:
+        compile_model(model, cfg.compile)
     optimizer = build_optimizer(cfg.solver, model)
     amp_dtype = autocast_dtype(cfg.solver.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

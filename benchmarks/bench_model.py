@@ -1,8 +1,11 @@
 """Whole-model benchmark: fastmask (triton / torch backends) against torchvision's Mask R-CNN.
 
 Same weights in all three (torchvision's random init loaded strictly into fastmask).
-Inference at batch 1 and 2 on 800x1333 images and a training step (forward, backward,
-SGD step) at batch 2, in fp32, TF32 and bf16 autocast; channels-last as an extra case.
+On a GPU: inference at batch 1 and 2 on 800x1333 images and a training step (forward,
+backward, SGD step) at batch 2, in fp32, TF32 and bf16 autocast; channels-last as an extra
+case. On the CPU (``--device cpu``): fp32 inference at batch 1 on 512x512 and 800x1333 images
+and a training step at batch 2 on 512x512, every provider side by side (the torch backend is
+the CPU path).
 ``box_score_thresh=0`` so that every image keeps ``box_detections_per_img=100``
 detections, as a trained model does on a busy image: post-processing then does its full
 work (100 masks pasted per image).
@@ -35,19 +38,22 @@ import torch
 from .common import bench, record, row, sync
 
 ACCELERATED = "torchvision accelerated"
-FULL = {"hw": (800, 1333), "batches": (1, 2), "train_batch": 2}
-QUICK = {"hw": (192, 256), "batches": (1,), "train_batch": 1, "min_size": 192, "max_size": 256}
+# Image sizes (each model built with min_size / max_size of the size, so that the images reach
+# the backbone at that size), batches, the training step's batch (at the first size).
+FULL = {"sizes": [(800, 1333)], "batches": (1, 2), "train_batch": 2}
+# The CPU run (``--device cpu`` without --quick): fp32 only, batch 1, five timed calls each.
+CPU = {"sizes": [(512, 512), (800, 1333)], "batches": (1,), "train_batch": 2}
+QUICK = {"sizes": [(192, 256)], "batches": (1,), "train_batch": 1}
 
 
-def _models(device: str, quick: bool):
+def _models(device: str, quick: bool, hw):
     import torchvision
 
     import fastmask
 
-    kw = {"box_score_thresh": 0.0}
+    kw = {"box_score_thresh": 0.0, "min_size": min(hw), "max_size": max(hw)}
     if quick:
-        kw.update(min_size=QUICK["min_size"], max_size=QUICK["max_size"], rpn_pre_nms_top_n_test=200,
-                  rpn_post_nms_top_n_test=100, box_detections_per_img=20)
+        kw.update(rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=20)
     torch.manual_seed(0)
     # The fine-tuning set-up both libraries default to with pretrained weights: frozen
     # BatchNorm and the last three ResNet stages trained (``maskrcnn_resnet50_fpn(weights=None)``
@@ -229,32 +235,13 @@ def _graph_timing(model, batch: int, hw, mode: str, device: str, inputs, timing:
         return bench(detector, inputs, device=device, **timing)
 
 
-def run(quick: bool = False, device: str = "cuda") -> list[dict]:
-    cfg = QUICK if quick else FULL
-    models = _models(device, quick)
-    modes = ["fp32"] if quick else ["fp32", "tf32", "bf16"]
-    rep = 100 if quick else 500
-    # Quick (CPU smoke) runs: one warm-up call and two timed ones per provider.
-    timing = dict(warmup_ms=0, rep_ms=0, min_runs=2) if quick else dict(warmup_ms=rep / 4, rep_ms=rep)
+def _inference(models: dict, hw, batches, modes, timed, static_provider: str, device: str, timing: dict) -> list[dict]:
+    """Inference rows of every provider at one image size, and their detections against torchvision's."""
     on_gpu = device.startswith("cuda")
-
-    def timed(name: str, mode: str, batch: int, train: bool = False) -> bool:
-        # On the GPU the torch backend (the readable reference, 0.5-1 s a call) is timed once,
-        # fp32 inference at batch 1, to show what the kernels replace; the rest is the product.
-        # The accelerated torchvision model: fp32 and bf16 (TF32 adds nothing to its story); in
-        # the quick CPU run its inference only (the run is a smoke test with a time budget).
-        if name == ACCELERATED:
-            return mode != "tf32" and not (quick and train)
-        return not (on_gpu and name == "fastmask-torch" and (train or mode != "fp32" or batch != 1))
-
-    # The fastmask model timed on the static path too: the product on the device (the Triton
-    # backend on a GPU; on the CPU the reference, the only backend there outside Triton's
-    # interpreter).
-    static_provider = "fastmask-triton" if on_gpu else "fastmask-torch"
-    size = f"{cfg['hw'][0]}x{cfg['hw'][1]}"
+    size = f"{hw[0]}x{hw[1]}"
     rows = []
-    for batch in cfg["batches"]:
-        inputs = [(_images(batch, cfg["hw"], device, s),) for s in range(3)]
+    for batch in batches:
+        inputs = [(_images(batch, hw, device, s),) for s in range(3)]
         for mode in modes:
             for name, m in models.items():
                 if not timed(name, mode, batch):
@@ -278,7 +265,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 rows.append(row("model", f"inference batch {batch} {size}", f"{name} static", mode, t,
                                 **{"pass": "inference"}))
                 if on_gpu:  # CUDA graphs: the GPU only, so never in the quick CPU run
-                    t = _graph_timing(m, batch, cfg["hw"], mode, device, inputs, timing)
+                    t = _graph_timing(m, batch, hw, mode, device, inputs, timing)
                     rows.append(row("model", f"inference batch {batch} {size}", f"{name} cuda-graph", mode, t,
                                     **{"pass": "inference"}))
     # Same outputs: each fastmask backend against torchvision, batch 1, fp32 (no TF32); and the
@@ -287,11 +274,11 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
     from fastmask.inference import trim
 
     with torch.no_grad(), _precision("fp32", device):
-        imgs = _images(1, cfg["hw"], device, 7)
+        imgs = _images(1, hw, device, 7)
         ref = models["torchvision"].eval()(imgs)
 
         def parity(provider: str, detections: list[dict]) -> dict:
-            return record({"op": "model", "case": "output parity vs torchvision", "provider": provider,
+            return record({"op": "model", "case": f"output parity vs torchvision {size}", "provider": provider,
                            "dtype": "fp32", "median_ms": float("nan"), "p20_ms": float("nan"),
                            "p80_ms": float("nan"), **_max_output_diff(detections, ref)})
 
@@ -300,10 +287,41 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 continue
             rows.append(parity(name, m.eval()(imgs)))
             if name == static_provider:
-                rows.append(parity(f"{name} static", trim(m.forward_padded(imgs), [tuple(cfg["hw"])])))
+                rows.append(parity(f"{name} static", trim(m.forward_padded(imgs), [tuple(hw)])))
+    return rows
+
+
+def run(quick: bool = False, device: str = "cuda") -> list[dict]:
+    on_gpu = device.startswith("cuda")
+    cfg = QUICK if quick else (FULL if on_gpu else CPU)
+    modes = ["fp32", "tf32", "bf16"] if on_gpu and not quick else ["fp32"]
+    rep = 100 if quick else 500
+    # CPU runs: one warm-up call and a fixed number of timed ones per provider (two quick, five
+    # in the full CPU run, where a call takes seconds).
+    timing = dict(warmup_ms=rep / 4, rep_ms=rep) if on_gpu else dict(warmup_ms=0, rep_ms=0, min_runs=2 if quick else 5)
+
+    def timed(name: str, mode: str, batch: int, train: bool = False) -> bool:
+        # On the GPU the torch backend (the CPU path, 0.5-1 s a call there) is timed once, fp32
+        # inference at batch 1, to show what the kernels replace; the rest is the product.
+        # The accelerated torchvision model: fp32 and bf16 (TF32 adds nothing to its story); in
+        # the quick CPU run its inference only (the run is a smoke test with a time budget).
+        if name == ACCELERATED:
+            return mode != "tf32" and not (quick and train)
+        return not (on_gpu and name == "fastmask-torch" and (train or mode != "fp32" or batch != 1))
+
+    # The fastmask model timed on the static path too: the product on the device (the Triton
+    # backend on a GPU; on the CPU the torch backend, the CPU path).
+    static_provider = "fastmask-triton" if on_gpu else "fastmask-torch"
+    rows, first = [], None
+    for hw in cfg["sizes"]:  # models built per size (their transform resizes to it)
+        models = _models(device, quick, hw)
+        rows += _inference(models, hw, cfg["batches"], modes, timed, static_provider, device, timing)
+        first = first or models
+    models, hw = first, cfg["sizes"][0]
+    size = f"{hw[0]}x{hw[1]}"
     # Training step.
     b = cfg["train_batch"]
-    train_inputs = [(_images(b, cfg["hw"], device, s), _targets(_images(b, cfg["hw"], "cpu", s), device, s))
+    train_inputs = [(_images(b, hw, device, s), _targets(_images(b, hw, "cpu", s), device, s))
                     for s in range(2)]
     for mode in modes:
         for name, m in models.items():
@@ -334,7 +352,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 m.channels_last = True
             else:
                 m.to(memory_format=torch.channels_last)
-            inputs = [(_images(1, cfg["hw"], device, s),) for s in range(3)]
+            inputs = [(_images(1, hw, device, s),) for s in range(3)]
 
             def infer_cl(images, m=m):
                 with torch.no_grad(), _precision("bf16", device):
@@ -348,7 +366,7 @@ def run(quick: bool = False, device: str = "cuda") -> list[dict]:
                 else:
                     m.to(memory_format=torch.contiguous_format)
             rows.append(row("model", "inference batch 1 channels-last", name, "bf16", t, **{"pass": "inference"}))
-    imgs = _images(1, cfg["hw"], device, 9)
+    imgs = _images(1, hw, device, 9)
     for name, m in models.items():
         if quick and name == ACCELERATED:
             continue

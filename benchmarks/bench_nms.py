@@ -7,16 +7,18 @@ proposals, NMS per (image, level) at IoU 0.7.
 Providers:
 - ``torchvision``: ``torchvision.ops.batched_nms`` (``nms`` for one class); for the RPN case
   a loop over images as torchvision's RPN does;
-- ``reference``: ``fastmask.ops.nms`` with ``backend="torch"`` (``nms_keep_mask`` for the RPN
-  case). Its work grows as N x kept and it synchronises with the host once per tile of
+- ``reference``: ``fastmask.ops.nms.nms_ref`` (``nms_keep_mask_ref`` for the RPN case), the
+  spec. Its work grows as N x kept and it synchronises with the host once per tile of
   ``REF_TILE`` boxes, so it is skipped above ``REFERENCE_MAX_BOXES`` (said in the table);
+- ``torch`` (CPU only): ``batched_nms(..., backend="torch")`` (``nms_keep_mask`` for the RPN
+  case), the CPU path;
 - ``triton``: ``batched_nms(..., backend="triton")`` (``nms_keep_mask`` for the RPN case).
 
 Bytes counted (``gbps``): the inputs read once and the result written once,
 ``N * (16 + 4 + 8) + N * 8`` bytes (fp32 boxes, fp32 scores, int64 classes; at most N int64
 indices). NMS is bound by its sequential greedy walk and by the O(N^2) IoU tests, not by
 memory, so this is a small fraction of the bandwidth; it is given for comparison only.
-``--quick`` runs on the CPU in seconds: small sizes, torchvision vs reference.
+``--quick`` runs on the CPU in seconds: small sizes. The CPU run stops at 20k boxes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from .common import bench, main, row
 
 FULL_SIZES = [1_000, 5_000, 20_000, 100_000]
+CPU_SIZES = [1_000, 5_000, 20_000]  # the CPU run (torchvision's CPU NMS takes seconds at 100k)
 QUICK_SIZES = [300, 1_000]
 CLASSES = [1, 80]
 THRESHOLDS = [0.5, 0.7]
@@ -61,11 +64,12 @@ def run(quick: bool, device: str) -> list[dict]:
     import torchvision
 
     from fastmask.ops import batched_nms, nms_keep_mask
+    from fastmask.ops.nms import nms_keep_mask_ref, nms_ref
 
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     # Triton on the GPU; on the CPU only through the interpreter and not in --quick mode.
     with_triton = device.startswith("cuda") or (interpreter and not quick)
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+    sizes = QUICK_SIZES if quick else (FULL_SIZES if device.startswith("cuda") else CPU_SIZES)
     rep = dict(warmup_ms=10, rep_ms=50) if quick else {}
     rows = []
     for n in sizes:
@@ -80,8 +84,10 @@ def run(quick: bool, device: str) -> list[dict]:
                     provs["torchvision"] = lambda: torchvision.ops.nms(boxes, scores, thr)
                 else:
                     provs["torchvision"] = lambda: torchvision.ops.batched_nms(boxes, scores, idxs, thr)
+                if not device.startswith("cuda"):
+                    provs["torch"] = lambda: batched_nms(boxes, scores, idxs, thr, backend="torch")
                 if n <= REFERENCE_MAX_BOXES:
-                    provs["reference"] = lambda: batched_nms(boxes, scores, idxs, thr, backend="torch")
+                    provs["reference"] = lambda: nms_ref(boxes, scores, thr, idxs if num_classes > 1 else None)
                 if with_triton:
                     provs["triton"] = lambda: batched_nms(boxes, scores, idxs, thr, backend="triton")
                 for name, fn in provs.items():
@@ -102,8 +108,9 @@ def run(quick: bool, device: str) -> list[dict]:
     def tv_rpn():
         return [torchvision.ops.batched_nms(boxes[i], scores[i], lvl, 0.7) for i in range(b)]
 
-    provs = {"torchvision": tv_rpn,
-             "reference": lambda: nms_keep_mask(boxes, scores, 0.7, lvl_b, valid, backend="torch")}
+    provs = {"torchvision": tv_rpn, "reference": lambda: nms_keep_mask_ref(boxes, scores, 0.7, lvl_b, valid)}
+    if not device.startswith("cuda"):
+        provs["torch"] = lambda: nms_keep_mask(boxes, scores, 0.7, lvl_b, valid, backend="torch")
     if with_triton:
         provs["triton"] = lambda: nms_keep_mask(boxes, scores, 0.7, lvl_b, valid, backend="triton")
     for name, fn in provs.items():

@@ -4,7 +4,7 @@ Each provider does the whole stage, from the RPN head's logits and deltas and th
 map shapes to the per-image proposal lists:
 - ``torchvision``: its RPN's ``AnchorGenerator`` + ``box_coder.decode`` of every anchor +
   ``filter_proposals`` (per-level top-k, clip, small boxes, score threshold, batched NMS);
-- ``reference``: ``AnchorGenerator.geometry`` + ``rpn_proposals(backend="torch")``;
+- ``torch``: ``AnchorGenerator.geometry`` + ``rpn_proposals(backend="torch")`` (the CPU path);
 - ``triton``: ``AnchorGenerator.geometry`` + ``rpn_proposals(backend="triton")`` (fused
   candidate kernel, anchors computed in the kernel, Triton NMS).
 
@@ -90,7 +90,7 @@ def _providers(device: str, interpreter: bool, pre_nms_top_n: int, post_nms_top_
         return stage
 
     yield "torchvision", torchvision_stage
-    yield "reference", fastmask_stage("torch")
+    yield "torch", fastmask_stage("torch")
     if device.startswith("cuda") or interpreter:
         yield "triton", fastmask_stage("triton")
 

@@ -16,8 +16,9 @@ values (G = samples per bin and axis), which is what the kernels avoid.
 
 `run(quick, device)` returns one row per (case, layout, pass, dtype, provider) with the keys
 op, case, provider, dtype, median_ms, p20_ms, p80_ms, bytes, gbps, pass, layout
-(``benchmarks.common.row``). Quick mode (CPU): tiny sizes, torchvision vs reference only
-(Triton's interpreter is not a timing target). Run: ``python -m benchmarks.bench_roi_align``.
+(``benchmarks.common.row``). On the CPU: torchvision, the CPU path (``backend="torch"``) and
+the reference, fp32 NCHW (the reference forward only at full sizes); Triton's interpreter is not
+a timing target. Quick mode: tiny sizes. Run: ``python -m benchmarks.bench_roi_align``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ def floor_bytes(feats, boxes, image_sizes, output_size, esize):
     return fwd, bwd
 
 
-def _providers(quick):
+def _providers(quick: bool, device: str):
+    """GPU: torchvision, the reference, the kernels. CPU: torchvision, the CPU path (the public op
+    with backend="torch") and the reference it replaces (the spec)."""
+    if not device.startswith("cuda"):
+        return ("torchvision", "torch", "reference")
     return ("torchvision", "reference") if quick else ("torchvision", "reference", "triton")
 
 
@@ -118,22 +123,26 @@ def _pooler_fn(provider, feats, boxes, image_sizes, output_size):
         rois = boxes_to_rois(boxes)
         scales = infer_scales([f.shape[-2:] for f in feats], image_sizes)
         return lambda fs: multiscale_roi_align_ref(fs, rois, output_size, scales, SAMPLING_RATIO)
-    return lambda fs: multiscale_roi_align(fs, boxes, output_size, image_sizes, SAMPLING_RATIO, backend="triton")
+    backend = "torch" if provider == "torch" else "triton"
+    return lambda fs: multiscale_roi_align(fs, boxes, output_size, image_sizes, SAMPLING_RATIO, backend=backend)
 
 
 def run(quick: bool, device: str) -> list[dict]:
     """One row per (case, layout, pass, dtype, provider); see the module docstring."""
     image_hw, channels = ((96, 136), 16) if quick else ((800, 1216), 256)
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    on_gpu = device.startswith("cuda")
+    # The CPU run: fp32 and NCHW (the model's), and the reference (seconds a call) forward only.
+    dtypes = (torch.float32, torch.bfloat16) if on_gpu and not quick else (torch.float32,)
+    layouts = ("nchw", "channels_last") if on_gpu else ("nchw",)
     rows = []
     for case, (n_images, per_image, out_size) in (QUICK_CASES if quick else CASES).items():
-        for layout in ("nchw", "channels_last"):
+        for layout in layouts:
             for dtype in dtypes:
                 feats, boxes, image_sizes = make_problem(n_images, per_image, image_hw, channels, dtype, layout,
                                                          device)
                 esize = torch.empty(0, dtype=dtype).element_size()
                 fwd_bytes, bwd_bytes = floor_bytes(feats, boxes, image_sizes, out_size, esize)
-                for provider in _providers(quick):
+                for provider in _providers(quick, device):
                     leaves = [f.detach().requires_grad_() for f in feats]
                     pool = _pooler_fn(provider, feats, boxes, image_sizes, out_size)
                     try:
@@ -156,6 +165,8 @@ def run(quick: bool, device: str) -> list[dict]:
                     passes = {"fwd": (lambda pool=pool, leaves=leaves: pool(leaves), fwd_bytes),
                               "bwd": (backward, bwd_bytes), "both": (both, fwd_bytes + bwd_bytes)}
                     for name, (fn, nbytes) in passes.items():
+                        if provider == "reference" and not on_gpu and not quick and name != "fwd":
+                            continue
                         timing = bench(fn, device=device, rep_ms=50 if quick else 200)
                         rows.append(row(OP, f"{case} K={n_images * per_image} {out_size}x{out_size}", provider,
                                         dtype, timing, nbytes, **{"pass": name, "layout": layout}))

@@ -195,17 +195,19 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
 
 
 def _exceeds(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor, threshold: float) -> Tensor:
-    """:func:`iou_exceeds_ref` over leading batch dims (``a``: [..., A, 4], ``b``: [..., B, 4]), with
-    the areas given and ``threshold`` from :func:`_threshold_for`: the same operations in the
-    same order, so the same rounding."""
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    wh = (torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:]) - lt).clamp_(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    """:func:`iou_exceeds_ref` over leading batch dims, boxes coordinate-major (``a``: [4, ..., A],
+    ``b``: [4, ..., B]; each coordinate contiguous, so every step is a vectorised [..., A, B] pass),
+    with the areas given and ``threshold`` from :func:`_threshold_for`: the same operations in
+    the same order as the reference, so the same rounding."""
+    w = (torch.minimum(a[2, ..., :, None], b[2, ..., None, :]) - torch.maximum(a[0, ..., :, None], b[0, ..., None, :]))
+    h = (torch.minimum(a[3, ..., :, None], b[3, ..., None, :]) - torch.maximum(a[1, ..., :, None], b[1, ..., None, :]))
+    inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
     return inter / (area_a[..., :, None] + area_b[..., None, :] - inter) > threshold
 
 
 def _area(b: Tensor) -> Tensor:
-    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    """Areas of coordinate-major boxes [4, ...]."""
+    return (b[2] - b[0]) * (b[3] - b[1])
 
 
 def _resolve(sup: Tensor, alive: Tensor) -> Tensor:
@@ -240,8 +242,8 @@ def greedy_sorted_cpu(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Te
     rank[by_length.indices] = torch.arange(g, device=dev)
     row = rank[dense]
     col = torch.arange(t, device=dev) - (torch.cumsum(counts, 0) - counts)[dense]
-    padded = boxes.new_zeros((g, longest, 4))
-    padded[row, col] = boxes
+    padded = boxes.new_zeros((4, g, longest))  # coordinate-major: each coordinate a contiguous [G, L]
+    padded[:, row, col] = boxes.t()
     alive = torch.zeros((g, longest), dtype=torch.bool, device=dev)
     alive[row, col] = True
     area = _area(padded)
@@ -252,10 +254,10 @@ def greedy_sorted_cpu(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Te
     for s in range(0, longest, CPU_TILE):  # steps over tiles (each depends on the earlier ones)
         e = min(longest, s + CPU_TILE)
         active = sum(1 for n in lengths if n > s)  # groups with boxes in this tile
-        tile, tile_area, tile_alive = padded[:active, s:e], area[:active, s:e], alive[:active, s:e]
+        tile, tile_area, tile_alive = padded[:, :active, s:e], area[:active, s:e], alive[:active, s:e]
         most = int(n_kept[:active].max()) if s else 0
         if most:  # suppression by each group's boxes kept in earlier steps
-            hit = _exceeds(kept[:active, :most], kept_area[:active, :most], tile, tile_area, threshold)
+            hit = _exceeds(kept[:, :active, :most], kept_area[:active, :most], tile, tile_area, threshold)
             hit &= (torch.arange(most, device=dev) < n_kept[:active, None])[:, :, None]
             tile_alive = tile_alive & ~hit.any(dim=1)
         sup = _exceeds(tile, tile_area, tile, tile_area, threshold) & mask[:e - s, :e - s]
@@ -263,7 +265,7 @@ def greedy_sorted_cpu(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Te
         keep[:active, s:e] = tile_keep
         gi, ci = tile_keep.nonzero(as_tuple=True)
         slot = (n_kept[:active, None] + tile_keep.cumsum(dim=1) - 1)[gi, ci]
-        kept[gi, slot], kept_area[gi, slot] = tile[gi, ci], tile_area[gi, ci]
+        kept[:, gi, slot], kept_area[gi, slot] = tile[:, gi, ci], tile_area[gi, ci]
         n_kept[:active] += tile_keep.sum(dim=1)
     return keep[row, col]
 

@@ -6,7 +6,10 @@ Providers, each writing float masks and bool masks (``> 0.5``):
 - ``grid_sample``: a detectron2-style paste written here: ``F.grid_sample`` of every mask at
   the pixel centres of its box, in chunks of masks bounded by ``GRID_SAMPLE_CHUNK_BYTES``;
   the same kind of output, not bit-for-bit torchvision's pixel model;
-- ``reference``: ``fastmask.ops.masks.paste_masks_ref`` (two batched matmuls);
+- ``torch``: ``paste_masks(..., backend="torch")``, the CPU path: the two matmuls over the rows
+  the boxes span, through one reused buffer, copied into the image;
+- ``reference``: ``fastmask.ops.masks.paste_masks_ref`` (two batched matmuls over the whole
+  image), the specification;
 - ``triton``: ``paste_masks(..., backend="triton")``, one launch, bool written directly;
 - ``write_floor``: ``out.fill_(0)`` of the same output: the time to write it at the
   device's write bandwidth.
@@ -84,6 +87,7 @@ def _providers(device: str, interpreter: bool):
     provs = {
         "torchvision": tv,
         "grid_sample": grid_sample_paste,
+        "torch": lambda m, b, hw, t: paste_masks(m, b, hw, 1, t, backend="torch"),
         "reference": lambda m, b, hw, t: paste_masks_ref(m, b, hw, 1, t),
     }
     if device.startswith("cuda") or interpreter:

@@ -37,7 +37,7 @@ def test_quick_run_on_cpu(tmp_path):
     assert data["env"]["torch"] and data["quick"] is True and not data["failures"]
     assert data["complete"] is True and data["seconds"]["mask_paste"] > 0
     providers = {r["provider"] for r in data["rows"]}
-    assert {"torchvision", "reference"} <= providers
+    assert {"torchvision", "torch", "reference"} <= providers
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert js.with_suffix(".md").exists() and js.with_suffix(".png").exists()
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
 
-from fastmask.ops.masks import BoxMasks, paste_masks, paste_masks_in_boxes, paste_masks_in_boxes_ref, paste_masks_ref
+import fastmask.ops.masks as masks_module
+from fastmask.ops.masks import (BoxMasks, box_windows, expand_boxes_int, paste_masks, paste_masks_in_boxes,
+                                paste_masks_in_boxes_ref, paste_masks_ref)
 from helpers import TOL, TRITON_DEVICES, assert_close_verbose, requires_cuda
 from fastmask.kernels.mask_paste import paste_masks_fwd
 
@@ -76,7 +78,7 @@ def run_paste(device: str, masks, boxes, image_size, **kw):
     return paste_masks(masks, boxes, image_size, backend=backend, **kw)
 
 
-PASTE_DEVICES = ["ref"] + TRITON_DEVICES  # "ref": the reference on the CPU; else the kernel on that device
+PASTE_DEVICES = ["ref"] + TRITON_DEVICES  # "ref": backend="torch" on the CPU; else the kernel on that device
 
 
 # --------------------------------------------------------------------------- parity with torchvision
@@ -157,6 +159,35 @@ def test_kernel_box_dtypes(device, box_dtype):
     expected = torchvision_paste(masks, boxes, (h, w))
     out = paste_masks(masks.to(device), boxes.to(device), (h, w), backend="triton").cpu()
     assert_close_verbose(out, expected, FLOAT_ATOL, 0.0, f"kernel, {box_dtype} boxes")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("threshold", [None, 0.5, -0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_cpu_path_matches_reference(monkeypatch, dtype, threshold, chunked):
+    """backend="torch" runs the window-rows paste (``_paste_rows``); ``paste_masks_ref`` is its
+    spec: the same values up to the order of the matmuls' sums, with the masks in one chunk or
+    in several, with some masks' rows moved up to stay in the image, and with the tallest
+    window spanning the whole image."""
+    if chunked:  # 2-3 masks per chunk at these sizes
+        monkeypatch.setattr(masks_module, "ROWS_CHUNK_PIXELS", 3 * 40 * 56)
+    h, w, n = 40, 56, 14
+    boxes = mixed_boxes(n, h, w, 12, dtype=dtype)
+    windows = box_windows(expand_boxes_int(boxes, 28, 1), (h, w))
+    rows = int((windows[:, 3] - windows[:, 1]).max())
+    assert rows < h and (windows[:, 1] > h - rows).any(), "some mask's rows must start above its window"
+    full = torch.cat([boxes, torch.tensor([[w * 0.3, 0.0, w * 0.6, float(h)]], dtype=dtype)])
+    for b in (boxes, full):
+        m = random_masks(len(b), 28, 13, dtype=dtype)
+        got = paste_masks(m, b, (h, w), threshold=threshold, backend="torch")
+        ref = paste_masks_ref(m, b, (h, w), threshold=threshold)
+        assert got.dtype == ref.dtype and got.shape == ref.shape == (len(b), 1, h, w)
+        if threshold is None:
+            assert_close_verbose(got, ref, *TOL[dtype], "torch backend vs reference")
+            continue
+        exact = paste_masks_ref(m.double(), b.double(), (h, w))
+        differ = got != ref
+        assert ((exact[differ] - threshold).abs() < 1e-3).all(), f"{int(differ.sum())} pixels differ off the threshold"
 
 
 @pytest.mark.parametrize("where", PASTE_DEVICES)

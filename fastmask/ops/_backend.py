@@ -5,8 +5,9 @@ One readable rule (docs/architecture.md, "The backend rule"):
 - ``"auto"``: Triton for CUDA tensors, the pure-PyTorch CPU path for CPU tensors;
 - ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``
   (Triton's interpreter, which is how the kernels are tested without a GPU);
-- ``"torch"``: the CPU path, pure PyTorch: the reference, except for RoI Align and NMS, whose
-  faster forms are tested against their references (``*_ref``). It never imports Triton.
+- ``"torch"``: the CPU path, pure PyTorch: the reference, except for RoI Align, NMS and mask
+  paste, whose faster forms are tested against their references (``*_ref``). It never imports
+  Triton.
 
 Asking for ``"triton"`` where it cannot run raises ``RuntimeError`` saying why; nothing
 falls back silently.

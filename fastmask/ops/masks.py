@@ -26,7 +26,9 @@ rather than padding the masks). It reads the ``N * M * M`` mask values and write
 threshold, makes a float image before comparing. The Triton kernel writes every output
 pixel once, straight to bool when a threshold is given; it interpolates only inside each box's
 window and writes the rest of the image, most of it, as flat ranges of zeros in 16-byte
-vectors: its floor is the write of ``N * H * W`` output elements.
+vectors: its floor is the write of ``N * H * W`` output elements. The torch backend (the CPU
+path, ``_paste_rows``) does the reference's two matmuls over only the rows the boxes span and
+copies them into the image (see it); ``paste_masks_ref`` stays the specification.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from ._library import register
 # 2**25 fp32 values are 128 MiB, so the float image made before thresholding (and the fp32
 # image of fp16/bf16 masks) stays a bounded extra on top of the result.
 REF_CHUNK_PIXELS = 1 << 25
+# Pixels of window rows the torch backend's full-image paste computes at once, in one buffer
+# reused chunk after chunk (16 MiB of fp32).
+ROWS_CHUNK_PIXELS = 1 << 22
 
 
 
@@ -144,6 +149,55 @@ def _paste_windows_ref(masks: Tensor, int_boxes: Tensor, windows: Tensor, origin
         cx = _interp_matrix(b[:, 0], b[:, 2], org[:, 0], out_w, win[:, 0], win[:, 2], mw, padding, cdt)
         img = torch.bmm(torch.bmm(ry, masks[s:e].to(cdt)), cx.transpose(1, 2))
         out[s:e] = img > threshold if threshold is not None else img
+    return out
+
+
+def _paste_rows(masks: Tensor, int_boxes: Tensor, windows: Tensor, out_size: tuple[int, int], padding: int,
+                threshold: float | None) -> Tensor:
+    """The torch backend's full-image paste: the reference's two matmuls, over window rows only.
+
+    Every mask gets ``R`` rows, the height of the tallest window, starting at image row
+    ``s = min(y0, H - R)``: they stay inside the image (windows are clipped to it, so R <= H)
+    and cover the mask's window. ``rows = (Ry @ mask) @ Cx^T`` is [R, W] per mask (``Ry`` with
+    those rows' weights, zero outside the window; ``Cx`` over the image's W columns), and the
+    image is the value of a pixel outside every box (0, or ``0 > threshold``) with each mask's
+    rows copied in by ``index_copy_``. The reference's ``N * H * W * MW`` multiply-adds become
+    ``N * R * W * MW`` (R is under half of H for boxes under ~40% of the image side), and the
+    rows go through one buffer of ``ROWS_CHUNK_PIXELS``, reused chunk after chunk, so that no
+    other memory of the output's size is made (a fresh allocation's first touch, page by page,
+    costs about as much as writing it). Same values as ``paste_masks_ref`` up to the order of
+    the matmuls' sums.
+    """
+    n, mh, mw = masks.shape
+    h, w = out_size
+    device = masks.device
+    cdt = compute_dtype(masks.dtype)
+    if threshold is None:
+        out = torch.zeros((n, h, w), dtype=masks.dtype, device=device)
+    else:
+        out = torch.full((n, h, w), 0.0 > threshold, dtype=torch.bool, device=device)
+    # Host read of one integer (the rows' count sets the work's shape): nothing to wait for on
+    # the CPU; on a GPU the Triton kernel is the path without it.
+    r = _slab_size(windows)[0]
+    if r == 0:
+        return out
+    top = torch.minimum(windows[:, 1], torch.tensor(h - r, device=device))
+    ry = _interp_matrix(int_boxes[:, 1], int_boxes[:, 3], top, r, windows[:, 1], windows[:, 3], mh, padding, cdt)
+    ry_mask = torch.bmm(ry, masks.to(cdt))  # [N, R, MW]: small
+    # Row (k, i) of the rows is image row top[k] + i of mask k: its row in ``out.view(N * H, W)``.
+    index = (torch.arange(n, device=device)[:, None] * h + top[:, None] + torch.arange(r, device=device)).flatten()
+    chunk = min(n, max(1, ROWS_CHUNK_PIXELS // (r * w)))
+    rows = torch.empty((chunk, r, w), dtype=cdt, device=device)
+    cast = None if out.dtype == cdt else torch.empty((chunk, r, w), dtype=out.dtype, device=device)
+    columns = torch.zeros_like(top)
+    for s in range(0, n, chunk):  # loop over memory-bounded chunks of masks, not over masks
+        e = min(n, s + chunk)
+        win, b = windows[s:e], int_boxes[s:e]
+        cx = _interp_matrix(b[:, 0], b[:, 2], columns[s:e], w, win[:, 0], win[:, 2], mw, padding, cdt)
+        done = torch.bmm(ry_mask[s:e], cx.transpose(1, 2), out=rows[:e - s])
+        if cast is not None:
+            done = torch.gt(done, threshold, out=cast[:e - s]) if threshold is not None else cast[:e - s].copy_(done)
+        out.view(n * h, w).index_copy_(0, index[s * r:e * r], done.view(-1, w))
     return out
 
 
@@ -264,7 +318,9 @@ def _paste_masks_op(masks: Tensor, boxes: Tensor, image_size: Sequence[int], pad
         from fastmask.kernels.mask_paste import paste_masks_fwd
 
         return paste_masks_fwd(masks, boxes, (h, w), padding=padding, threshold=threshold)
-    return paste_masks_ref(masks, boxes, (h, w), padding, threshold)[:, 0]
+    int_boxes = expand_boxes_int(boxes, masks.shape[-1], padding)
+    windows = box_windows(int_boxes, (h, w))
+    return _paste_rows(masks, int_boxes, windows, (h, w), padding, threshold)
 
 
 def paste_masks_in_boxes(masks: Tensor, boxes: Tensor, padding: int = 1, threshold: float | None = None,
